@@ -1,0 +1,332 @@
+"""``aimass render|submit|status|wait|logs|cancel``: generic batch jobs (for researchers)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from aimass_hpc.errors import InputError, NotFoundError
+from aimass_hpc.runs import RunDir, find_run, list_runs
+from aimass_hpc.scheduler import JobState, JobStatus, get_scheduler
+from aimass_hpc.site import Site, load_site
+from aimass_hpc.timelimit import format_elapsed
+
+site_option = click.option(
+    "--site",
+    "site_ref",
+    metavar="NAME|PATH",
+    default=None,
+    help="Site config (default: $AIMASS_SITE).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout.")
+
+_STATE_STYLE = {
+    JobState.COMPLETED: "green",
+    JobState.RUNNING: "cyan",
+    JobState.PENDING: "yellow",
+    JobState.COMPLETING: "cyan",
+    JobState.UNKNOWN: "magenta",
+}
+
+
+def _is_spec(path: str) -> bool:
+    return path.endswith(".toml")
+
+
+def _load_request(path: str, site_obj: Site, sbatch_args: tuple[str, ...], name: str | None):
+    from aimass_hpc.specs import load_job_spec
+
+    overrides: dict[str, object] = {}
+    if name:
+        overrides["name"] = name
+    request = load_job_spec(path, overrides)
+    if sbatch_args:
+        try:
+            request = request.model_copy(
+                update={"sbatch_extra": [*request.sbatch_extra, *_checked_extras(sbatch_args)]}
+            )
+        except ValueError as exc:
+            raise InputError(f"--sbatch-arg: {exc}") from None
+    return request
+
+
+def _checked_extras(args: tuple[str, ...]) -> list[str]:
+    from aimass_hpc.specs import check_sbatch_extra
+
+    return [check_sbatch_extra(a) for a in args]
+
+
+@click.command()
+@click.argument("path", metavar="SPEC.toml|SCRIPT")
+@site_option
+@click.option(
+    "--sbatch-arg",
+    "sbatch_args",
+    multiple=True,
+    metavar="--OPT=VALUE",
+    help="Extra sbatch option (repeatable).",
+)
+def render(path: str, site_ref: str | None, sbatch_args: tuple[str, ...]) -> None:
+    """Print the job script a spec renders to (nothing is written or queued)."""
+    site_obj = load_site(site_ref)
+    if not _is_spec(path):
+        try:
+            click.echo(Path(path).read_text(encoding="utf-8"), nl=False)
+        except FileNotFoundError:
+            raise InputError(f"script not found: {path}") from None
+        return
+    from aimass_hpc.render import render_request
+
+    request = _load_request(path, site_obj, sbatch_args, None)
+    click.echo(render_request(site_obj, request), nl=False)
+
+
+@click.command()
+@click.argument("path", metavar="SPEC.toml|SCRIPT")
+@site_option
+@click.option("--dry-run", is_flag=True, help="Print the script; queue nothing, write nothing.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the job; exit 0 only if COMPLETED.")
+@click.option("--name", default=None, help="Job name (default: the spec's, or the script's).")
+@click.option(
+    "--sbatch-arg",
+    "sbatch_args",
+    multiple=True,
+    metavar="--OPT=VALUE",
+    help="Extra sbatch option (repeatable).",
+)
+@json_option
+def submit(
+    path: str,
+    site_ref: str | None,
+    dry_run: bool,
+    wait_: bool,
+    name: str | None,
+    sbatch_args: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Submit a job spec (.toml with a [job] table) or a plain batch script.
+
+    Either way the job gets a run directory (spec, script, logs, state) under the site's
+    runs root.
+    """
+    from aimass_hpc.submission import submit as submit_request
+    from aimass_hpc.submission import submit_script
+
+    site_obj = load_site(site_ref)
+    if _is_spec(path):
+        request = _load_request(path, site_obj, sbatch_args, name)
+        sub = submit_request(
+            site_obj, request, dry_run=dry_run, spec={"source": str(Path(path).resolve())}
+        )
+    else:
+        sub = submit_script(
+            site_obj, path, name=name, sbatch_args=list(sbatch_args), dry_run=dry_run
+        )
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps({**sub.to_dict(), "script": sub.script}, indent=2))
+        else:
+            click.echo(sub.script, nl=False)
+        return
+    if not wait_:
+        if as_json:
+            click.echo(json.dumps(sub.to_dict(), indent=2))
+        else:
+            click.echo(f"Submitted job {sub.job_id} ({sub.run_dir.path})")
+        return
+    if not as_json:
+        click.echo(f"Submitted job {sub.job_id} ({sub.run_dir.path}); waiting...", err=True)
+    assert sub.job_id is not None
+    final = get_scheduler(site_obj).wait([sub.job_id])[sub.job_id]
+    if as_json:
+        click.echo(json.dumps({**sub.to_dict(), "status": final.to_dict()}, indent=2))
+    else:
+        _print_table({sub.job_id: final}, {sub.job_id: sub.run_dir})
+    sys.exit(0 if final.state is JobState.COMPLETED else 1)
+
+
+def _resolve_refs(site_obj: Site, refs: tuple[str, ...]) -> tuple[list[str], dict[str, RunDir]]:
+    """Job ids for refs (ids or run dir paths) and the run dirs we know of."""
+    ids: list[str] = []
+    runs: dict[str, RunDir] = {}
+    for ref in refs:
+        if ref.replace("_", "").isdigit():
+            ids.append(ref)
+            with contextlib.suppress(NotFoundError):
+                runs[ref] = find_run(ref, site_obj.runs_root)
+            continue
+        run = find_run(ref, site_obj.runs_root)
+        job_id = run.job_id
+        if job_id is None:
+            raise NotFoundError(f"run {run.path} was never submitted (no job id in state.json)")
+        ids.append(job_id)
+        runs[job_id] = run
+    return ids, runs
+
+
+def _print_table(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> None:
+    table = Table("id", "name", "state", "elapsed", "nodes", "reason")
+    for job_id, st in statuses.items():
+        run = runs.get(job_id)
+        name = run.name if run is not None else st.name
+        style = _STATE_STYLE.get(st.state, "red" if st.is_terminal else "")
+        state = f"[{style}]{st.state.value}[/{style}]" if style else st.state.value
+        if st.restart_count:
+            state += f" (restart {st.restart_count})"
+        reason = st.reason
+        if st.exit_code and st.is_terminal:
+            reason = f"exit {st.exit_code}" + (f"; {reason}" if reason else "")
+        table.add_row(
+            job_id, name, state, format_elapsed(st.elapsed), st.nodes or "-", reason or "-"
+        )
+    Console().print(table)
+
+
+def _status_json(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> str:
+    out = []
+    for job_id, st in statuses.items():
+        data = st.to_dict()
+        run = runs.get(job_id)
+        data["run_dir"] = str(run.path) if run is not None else None
+        if run is not None:
+            data["name"] = run.name
+        out.append(data)
+    return json.dumps(out, indent=2)
+
+
+@click.command()
+@click.argument("jobs", nargs=-1, metavar="[JOB]...")
+@site_option
+@click.option("--last", default=20, show_default=True, help="Without JOBs: this many recent runs.")
+@json_option
+def status(jobs: tuple[str, ...], site_ref: str | None, last: int, as_json: bool) -> None:
+    """Status of jobs (ids or run directories); without JOBs, the site's recent runs.
+
+    One scheduler call for all of them.
+    """
+    site_obj = load_site(site_ref)
+    if jobs:
+        ids, runs = _resolve_refs(site_obj, jobs)
+    else:
+        runs = {}
+        for run in list_runs(site_obj.runs_root, limit=last):
+            job_id = run.job_id
+            if job_id is not None:
+                runs[job_id] = run
+        ids = list(runs)
+    statuses = get_scheduler(site_obj).status(ids) if ids else {}
+    if as_json:
+        click.echo(_status_json(statuses, runs))
+    elif statuses:
+        _print_table(statuses, runs)
+    else:
+        click.echo(f"no submitted runs under {site_obj.runs_root}")
+    unknown = [i for i, st in statuses.items() if st.state is JobState.UNKNOWN and not st.source]
+    if jobs and unknown:
+        raise NotFoundError(f"unknown job id(s): {', '.join(unknown)}")
+
+
+@click.command()
+@click.argument("jobs", nargs=-1, required=True, metavar="JOB...")
+@site_option
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@json_option
+def wait(jobs: tuple[str, ...], site_ref: str | None, timeout: float | None, as_json: bool) -> None:
+    """Wait until the jobs end; exit 0 if all COMPLETED, 1 otherwise."""
+    site_obj = load_site(site_ref)
+    ids, runs = _resolve_refs(site_obj, jobs)
+    scheduler = get_scheduler(site_obj)
+    first = scheduler.status(ids)
+    unknown = [i for i, st in first.items() if st.state is JobState.UNKNOWN and not st.source]
+    if unknown:
+        raise NotFoundError(f"unknown job id(s): {', '.join(unknown)}")
+    final = scheduler.wait(ids, timeout)
+    if as_json:
+        click.echo(_status_json(final, runs))
+    else:
+        _print_table(final, runs)
+    sys.exit(0 if all(st.state is JobState.COMPLETED for st in final.values()) else 1)
+
+
+@click.command()
+@click.argument("job", metavar="JOB")
+@site_option
+@click.option("-f", "--follow", is_flag=True, help="Keep printing as the job writes.")
+@click.option("--restart", type=int, default=None, help="Log of this restart (default: latest).")
+@click.option("--task", type=int, default=None, help="Array task index.")
+@click.option("--batch", is_flag=True, help="Slurm's own output file (before the script's logs).")
+def logs(
+    job: str, site_ref: str | None, follow: bool, restart: int | None, task: int | None, batch: bool
+) -> None:
+    """Print a job's log (one file per restart, in its run directory)."""
+    site_obj = load_site(site_ref)
+    run = find_run(job, site_obj.runs_root)
+    if task is None and "_" in job:
+        task = int(job.split("_", 1)[1])
+    job_id = run.job_id
+
+    def current() -> Path | None:
+        if batch:
+            files = run.batch_logs()
+            return files[-1] if files else None
+        return run.log_file(restart, task)
+
+    path = current()
+    if not follow:
+        if path is None:
+            what = f"restart {restart}" if restart is not None else "any restart"
+            raise NotFoundError(f"no log yet for job {job} ({what}) in {run.logs_dir}")
+        sys.stdout.write(path.read_text(encoding="utf-8", errors="replace"))
+        return
+    _follow(site_obj, run, job_id, current, restart is None and not batch)
+
+
+def _follow(site_obj: Site, run: RunDir, job_id: str | None, current, switch: bool) -> None:
+    """Print new output as it appears; move to a newer restart's log; stop when the job ends."""
+    scheduler = get_scheduler(site_obj)
+    path, offset, last_poll, done = current(), 0, 0.0, False
+    while True:
+        if path is not None and path.exists():
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+            if chunk:
+                offset += len(chunk)
+                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                sys.stdout.flush()
+        if done:
+            return
+        newer = current() if switch or path is None else path
+        if newer is not None and newer != path:
+            path, offset = newer, 0
+            continue
+        if job_id is not None and time.monotonic() - last_poll > 3:
+            last_poll = time.monotonic()
+            done = scheduler.status([job_id])[job_id].is_terminal  # one more read, then stop
+        time.sleep(0.5)
+
+
+@click.command()
+@click.argument("jobs", nargs=-1, required=True, metavar="JOB...")
+@site_option
+@json_option
+def cancel(jobs: tuple[str, ...], site_ref: str | None, as_json: bool) -> None:
+    """Cancel jobs (ids or run directories). Unknown ids are an error (exit 3)."""
+    site_obj = load_site(site_ref)
+    ids, _ = _resolve_refs(site_obj, jobs)
+    cancelled = get_scheduler(site_obj).cancel(ids)
+    finished = [i for i in ids if i not in cancelled]
+    if as_json:
+        click.echo(json.dumps({"cancelled": cancelled, "already_finished": finished}))
+        return
+    if cancelled:
+        click.echo(f"cancelled {', '.join(cancelled)}")
+    if finished:
+        click.echo(f"already finished: {', '.join(finished)}")

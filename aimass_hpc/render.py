@@ -1,0 +1,181 @@
+"""Job-script rendering: a pure function (site, resolved request, run dir) -> bash script text.
+
+Quoting is enforced by the template environment, not left to template authors:
+
+* ``{{ x|q }}`` shell-quotes ``x`` (a list becomes space-separated quoted words) and marks the
+  result as quoted;
+* ``{{ x|sb }}`` is for ``#SBATCH`` values: it passes only a strict character set (sbatch
+  parses those lines itself, so quoting would not help) and refuses anything else;
+* ``{{ x|ident }}`` passes environment-variable names;
+* a ``finalize`` hook refuses every other string that reaches the output, so a forgotten
+  filter (in a bundled template or a site override) is an error at render time, never a
+  script whose meaning depends on a value. Numbers pass as they are.
+
+The environment is a jinja sandbox (no ``__class__`` tricks) with ``StrictUndefined``.
+Template lookup: the site's override directory first, then the bundled ``job_templates/``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from aimass_hpc.errors import InputError
+from aimass_hpc.site import BUNDLED_TEMPLATES, ENV_NAME_RE, Site
+from aimass_hpc.specs import SBATCH_VALUE_RE, JobRequest
+
+TEMPLATE_NAMES = ("job.j2", "train.j2", "trial.j2", "serve.j2")
+
+
+class Quoted(str):
+    """A string the template layer has made safe to splice into a shell script."""
+
+    __slots__ = ()
+
+
+class UnquotedValueError(InputError):
+    """A template tried to print a value that did not pass ``|q``, ``|sb`` or ``|ident``."""
+
+
+def shell_quote(value: Any) -> Quoted:
+    """``|q``: shell-quote a scalar, or each item of a list/tuple (joined by spaces)."""
+    if isinstance(value, Quoted):
+        return value
+    if isinstance(value, list | tuple):
+        return Quoted(" ".join(shell_quote(item) for item in value))
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined raises UndefinedError naming the variable
+    if isinstance(value, dict) or value is None:
+        raise UnquotedValueError(f"template: cannot shell-quote {type(value).__name__} {value!r}")
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    return Quoted(shlex.quote(str(value)))
+
+
+def sbatch_value(value: Any) -> Quoted:
+    """``|sb``: a value for an ``#SBATCH`` line; only ``[A-Za-z0-9_.,:=@%+/-[]]`` pass."""
+    text = str(value)
+    if isinstance(value, bool) or value is None or not text or not SBATCH_VALUE_RE.match(text):
+        raise UnquotedValueError(
+            f"template: {text!r} cannot go on an #SBATCH line "
+            "(allowed: A-Z a-z 0-9 _ . , : = @ % + / - [ ])"
+        )
+    return Quoted(text)
+
+
+def env_name(value: Any) -> Quoted:
+    """``|ident``: an environment variable name."""
+    if not isinstance(value, str) or not ENV_NAME_RE.match(value):
+        raise UnquotedValueError(f"template: {value!r} is not an environment variable name")
+    return Quoted(value)
+
+
+def _finalize(value: Any) -> Any:
+    """Refuse any printed value that is not quoted (or a number)."""
+    if isinstance(value, Quoted):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    raise UnquotedValueError(
+        f"template printed an unquoted value {shown}: "
+        "pass it through |q (shell), |sb (#SBATCH) or |ident"
+    )
+
+
+def template_environment(site: Site) -> jinja2.Environment:
+    """The sandboxed, quoting-enforcing environment for ``site`` (override dir first)."""
+    loaders: list[jinja2.BaseLoader] = []
+    override = site.template_dir
+    if override is not None and override.is_dir():
+        loaders.append(jinja2.FileSystemLoader(str(override)))
+    loaders.append(jinja2.FileSystemLoader(str(BUNDLED_TEMPLATES)))
+    env = ImmutableSandboxedEnvironment(
+        loader=jinja2.ChoiceLoader(loaders),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        finalize=_finalize,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["q"] = shell_quote
+    env.filters["sb"] = sbatch_value
+    env.filters["ident"] = env_name
+    # |safe would bypass nothing (finalize does not trust Markup) but would mislead readers.
+    env.filters.pop("safe", None)
+    return env
+
+
+def signal_spec(site: Site, request: JobRequest) -> str | None:
+    """The ``--signal`` value: ``[B:]SIG@GRACE``; ``B:`` when the batch shell runs the command."""
+    if not request.signal:
+        return None
+    prefix = "B:" if request.launcher == "none" else ""
+    return f"{prefix}{site.preemption.signal}@{site.preemption.grace_seconds}"
+
+
+def gpu_option(site: Site, request: JobRequest) -> tuple[str, str] | None:
+    """(``--gres`` | ``--gpus-per-node``, value) for the request's GPUs, or None."""
+    if not request.gpus_per_node:
+        return None
+    part = site.partition(request.partition)
+    option = "--gpus-per-node" if part.gpu_request == "gpus-per-node" else "--gres"
+    return option, part.gpu_gres(request.gpus_per_node)
+
+
+def render_context(site: Site, request: JobRequest, run_dir: str | Path) -> dict[str, Any]:
+    """Everything templates may use (documented in job_templates/README.md)."""
+    job = request.resolve(site)
+    part = site.partition(job.partition)
+    env = {**site.env, **job.env}
+    return {
+        "site": site,
+        "partition": part,
+        "job": job,
+        "kind": job.kind,
+        "slurm_name": job.slurm_name,
+        "run_dir": str(run_dir),
+        "site_ref": site.ref(),
+        "workdir": job.workdir or str(run_dir),
+        "launcher": job.launcher,
+        "env": env,
+        "vars": job.template_vars,
+        "python": site.python,
+        "output_pattern": "logs/slurm-%A_%a.out" if job.array else "logs/slurm-%j.out",
+        "signal_spec": signal_spec(site, job),
+        "gpu_option": gpu_option(site, job),
+        "total_tasks": job.nodes * job.ntasks_per_node,
+    }
+
+
+def render_request(site: Site, request: JobRequest, run_dir: str | Path | None = None) -> str:
+    """Render the job script for ``request`` on ``site`` (a pure function: writes nothing).
+
+    ``run_dir`` is where the script will live; without one a placeholder under the site's runs
+    root is used (fine for previews). Raises ``InputError`` for a request the site cannot run
+    or a template that prints an unquoted value.
+    """
+    if run_dir is None:
+        run_dir = site.runs_root / f"<run>-{request.slurm_name}"
+    context = render_context(site, request, run_dir)
+    env = template_environment(site)
+    name = f"{request.kind}.j2"
+    try:
+        template = env.get_template(name)
+        return template.render(context)
+    except jinja2.TemplateNotFound as exc:
+        raise InputError(f"template {exc.name!r} not found (site {site.name!r})") from None
+    except jinja2.UndefinedError as exc:
+        raise InputError(f"template {name}: {exc.message}") from None
+    except SecurityError as exc:
+        raise InputError(f"template {name}: {exc}") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise InputError(f"template {exc.name or name} line {exc.lineno}: {exc.message}") from None

@@ -1,0 +1,47 @@
+"""Scheduler backends behind one interface (:class:`~aimass_hpc.scheduler.base.Scheduler`).
+
+``get_scheduler(site)`` returns the backend the site config names: ``slurm`` (command-line
+tools, the default) or ``local`` (subprocesses, for debugging). A pyslurm backend is possible
+but not provided: PyPI's pyslurm needs Slurm >= 25.11 (or <= 18.08) headers, and the Slurm we
+test against is 22.05.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aimass_hpc.scheduler.base import (
+    CommandRunner,
+    CountingRunner,
+    JobStatus,
+    Scheduler,
+    WaitTimeout,
+    submission_env,
+)
+from aimass_hpc.scheduler.states import JobState, normalize_state
+
+if TYPE_CHECKING:
+    from aimass_hpc.site import Site
+
+__all__ = [
+    "CommandRunner",
+    "CountingRunner",
+    "JobState",
+    "JobStatus",
+    "Scheduler",
+    "WaitTimeout",
+    "get_scheduler",
+    "normalize_state",
+    "submission_env",
+]
+
+
+def get_scheduler(site: Site, runner: CommandRunner | None = None) -> Scheduler:
+    """The scheduler backend for ``site`` (``runner`` wraps its external commands)."""
+    if site.scheduler == "local":
+        from aimass_hpc.scheduler.local import LocalScheduler
+
+        return LocalScheduler(site.runs_root / ".local-jobs", runner=runner)
+    from aimass_hpc.scheduler.slurm import SlurmScheduler
+
+    return SlurmScheduler(runner=runner)

@@ -1,0 +1,209 @@
+"""The one small interface every scheduler backend implements.
+
+``submit`` a script (the run directory is its working directory), ``status`` of many jobs in
+one scheduler call, ``cancel``, ``requeue`` and ``wait``. Backends run external commands
+through a :class:`CommandRunner` so that tests and benchmarks can count (or time) the real
+calls by wrapping it, without mocking the scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aimass_hpc.errors import NotFoundError, SchedulerError
+from aimass_hpc.scheduler.states import JobState
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What the scheduler knows about one job (or array task, ``123_4``)."""
+
+    job_id: str
+    name: str
+    state: JobState
+    elapsed: int | None = None  # seconds
+    nodes: str = ""  # node list, e.g. node[1-2]
+    reason: str = ""  # why pending / how it ended
+    exit_code: int | None = None
+    restart_count: int = 0
+    source: str = ""  # which command said so: squeue, sacct, local
+    raw_state: str = ""
+    array_tasks: dict[str, int] = field(default_factory=dict)  # array job: state -> task count
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state.is_terminal
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``--json`` output)."""
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["is_terminal"] = self.is_terminal
+        return data
+
+
+class CommandRunner:
+    """Runs one external command; wrap it to count or time scheduler calls."""
+
+    def __call__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        timeout: float | None = 60,
+    ) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                list(argv),
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise SchedulerError(
+                f"{argv[0]}: command not found (is Slurm installed here?)"
+            ) from None
+        except subprocess.TimeoutExpired:
+            raise SchedulerError(f"{argv[0]} did not answer within {timeout:.0f}s") from None
+
+
+class CountingRunner(CommandRunner):
+    """A runner that records every argv it runs (tests/benchmarks: "one call per poll")."""
+
+    def __init__(self, inner: CommandRunner | None = None) -> None:
+        self.inner = inner or CommandRunner()
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        self.calls.append(list(argv))
+        return self.inner(argv, **kwargs)
+
+
+class WaitTimeout(SchedulerError):
+    """``wait`` ran out of time; ``statuses`` holds the last poll."""
+
+    def __init__(self, message: str, statuses: dict[str, JobStatus]) -> None:
+        super().__init__(message)
+        self.statuses = statuses
+
+
+def submission_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a submit command: ours, minus a surrounding job's SLURM_/SBATCH_ vars.
+
+    Inside a job (SLURM_JOB_ID set) sbatch would otherwise copy the parent's allocation
+    settings (SLURM_NTASKS, SBATCH_*...) into the new job. SLURM_CONF says which cluster to talk
+    to and is kept.
+    """
+    env = dict(os.environ)
+    if "SLURM_JOB_ID" in env or "SLURM_JOBID" in env:
+        for key in list(env):
+            if key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and key != "SLURM_CONF":
+                del env[key]
+    env.update(extra or {})
+    return env
+
+
+class Scheduler(ABC):
+    """A batch system backend."""
+
+    name = "abstract"
+
+    def __init__(self, runner: CommandRunner | None = None) -> None:
+        self.runner = runner or CommandRunner()
+
+    @abstractmethod
+    def submit(
+        self,
+        script_path: str | os.PathLike[str],
+        *,
+        run_dir: str | os.PathLike[str],
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> str:
+        """Queue ``script_path`` with ``run_dir`` as its working directory; returns the job id.
+
+        ``extra_args`` go on the submit command line (plain scripts: ``--sbatch-arg``);
+        ``env`` is added to the submission environment.
+        """
+
+    @abstractmethod
+    def status(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
+        """Status of every id, in ONE scheduler call per poll (plus a fallback for forgotten
+        jobs). Ids the scheduler has never heard of map to a status with ``UNKNOWN`` state."""
+
+    @abstractmethod
+    def cancel(self, job_ids: Iterable[str]) -> list[str]:
+        """Cancel jobs; returns the ids that were still active (and got cancelled).
+
+        ``NotFoundError`` naming any id the scheduler does not know; finished jobs are left
+        alone.
+        """
+
+    @abstractmethod
+    def requeue(self, job_id: str) -> None:
+        """Put a job back in the queue (it keeps its id; ``restart_count`` goes up)."""
+
+    def check_request(self, request: Any) -> None:  # noqa: B027 - optional hook
+        """Refuse a (resolved) request this backend cannot run; InputError naming the field."""
+
+    def test_submit(
+        self, script_path: str | os.PathLike[str], *, run_dir: str | os.PathLike[str]
+    ) -> str:
+        """Ask the scheduler whether it would accept the script, without queueing it."""
+        return "ok (no scheduler-side check for this backend)"
+
+    def wait(
+        self,
+        job_ids: Iterable[str],
+        timeout: float | None = None,
+        *,
+        poll: float = 2.0,
+        on_poll: Any = None,
+    ) -> dict[str, JobStatus]:
+        """Poll until every job is terminal; returns the final statuses.
+
+        Raises :class:`WaitTimeout` after ``timeout`` seconds. ``on_poll(statuses)`` is called
+        after each poll (progress display). Polls start fast and back off to ``poll`` seconds.
+        """
+        ids = list(dict.fromkeys(job_ids))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(0.25, poll)
+        unseen: dict[str, int] = {}
+        while True:
+            statuses = self.status(ids)
+            if on_poll is not None:
+                on_poll(statuses)
+            if all(statuses[i].is_terminal for i in ids):
+                return statuses
+            # An id no command knows (not even accounting) will never end: say so, do not hang.
+            for job_id in ids:
+                missing = statuses[job_id].state is JobState.UNKNOWN and not statuses[job_id].source
+                unseen[job_id] = unseen.get(job_id, 0) + 1 if missing else 0
+            lost = [i for i, n in unseen.items() if n >= 3]
+            if lost:
+                raise NotFoundError(f"unknown job id(s): {', '.join(lost)}")
+            if deadline is not None and time.monotonic() >= deadline:
+                waiting = [i for i in ids if not statuses[i].is_terminal]
+                raise WaitTimeout(
+                    f"timed out after {timeout:.0f}s waiting for job(s) {', '.join(waiting)}",
+                    statuses,
+                )
+            sleep = delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
+            time.sleep(sleep)
+            delay = min(poll, delay * 1.6)
+
+
+def script_dir(script_path: str | os.PathLike[str]) -> Path:
+    """Directory holding a script (used as a default working directory)."""
+    return Path(script_path).resolve().parent

@@ -1,0 +1,732 @@
+"""Site configuration: the one file a site admin edits to describe a cluster.
+
+A site is a TOML file (``site_configs/dev.toml`` is a small complete example, ``example-hpc.toml``
+a production-shaped one). It is parsed into pydantic models with ``extra="forbid"`` so that a
+misspelt key is an error, not a silently ignored setting. :func:`validate_site_file` reports
+*every* problem with its key path and a hint; :func:`load_site` raises one ``InputError``.
+
+Lookup order for :func:`load_site` (first hit wins): an explicit ref (a name or a path to a
+``.toml``), ``$AIMASS_SITE``, ``~/.config/aimass/sites/``, ``/etc/aimass/sites/``, then the
+bundled ``site_configs/``. In a directory, site ``NAME`` is ``NAME.toml`` or ``NAME/site.toml``
+(the directory form may hold template overrides next to the config).
+"""
+
+from __future__ import annotations
+
+import difflib
+import getpass
+import os
+import re
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+import aimass_hpc
+from aimass_hpc.errors import InputError, NotFoundError
+from aimass_hpc.timelimit import TimeLimitError, parse_time
+
+PACKAGE_ROOT = Path(aimass_hpc.__file__).resolve().parents[1]
+BUNDLED_SITES = PACKAGE_ROOT / "site_configs"
+BUNDLED_TEMPLATES = PACKAGE_ROOT / "job_templates"
+
+SITE_ENV = "AIMASS_SITE"
+
+
+def search_dirs() -> list[Path]:
+    """Directories searched for site names, in lookup order (after ``$AIMASS_SITE``)."""
+    return [
+        Path("~/.config/aimass/sites").expanduser(),
+        Path("/etc/aimass/sites"),
+        BUNDLED_SITES,
+    ]
+
+
+# --------------------------------------------------------------------------- value checks
+
+_MEM_RE = re.compile(r"^(?P<n>\d+)(?P<u>[KMGT]?)B?$", re.IGNORECASE)
+_MEM_FACTOR = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
+
+# A Slurm "name" value (partition, account, QOS, reservation, gres, feature): no shell or
+# #SBATCH-significant characters, so it can go on an #SBATCH line as is.
+SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_mem_mb(value: str | int) -> int:
+    """Memory as Slurm writes it (``16000``, ``16G``, ``2T``) in MiB; raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a memory size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"memory must not be negative: {value}")
+        return value
+    match = _MEM_RE.match(str(value).strip())
+    if not match:
+        raise ValueError(f"not a memory size: {value!r} (use e.g. 16000, 64G, 1T)")
+    return int(int(match.group("n")) * _MEM_FACTOR[match.group("u").upper()])
+
+
+def _check_slurm_name(value: str | None) -> str | None:
+    if value is None:
+        return value
+    if not SLURM_NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} has characters Slurm names do not use (allowed: A-Z a-z 0-9 _ . + -)"
+        )
+    return value
+
+
+def _check_time(value: str | None) -> str | None:
+    if value is None:
+        return value
+    try:
+        parse_time(value)
+    except TimeLimitError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def _check_mem(value: Any) -> Any:
+    if value is None:
+        return value
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        return value  # let the type check report it
+    parse_mem_mb(value)
+    return str(value)
+
+
+_VAR_RE = re.compile(
+    r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
+)
+
+
+def expand_path(value: str) -> str:
+    """Expand ``~`` and ``$VAR``/``${VAR}``; ValueError if one is unset (USER/HOME always set)."""
+
+    def sub(match: re.Match[str]) -> str:
+        var = match.group("braced") or match.group("plain")
+        if var in os.environ:
+            return os.environ[var]
+        if var == "USER":
+            return getpass.getuser()
+        if var == "HOME":
+            return str(Path.home())
+        raise ValueError(f"environment variable ${var} is not set")
+
+    return os.path.expanduser(_VAR_RE.sub(sub, value))
+
+
+# --------------------------------------------------------------------------- the models
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_default=True)
+
+
+class Partition(_Model):
+    """One Slurm partition that aimass may use."""
+
+    name: str = Field("", description="filled from the table key: [partitions.NAME]")
+    description: str = ""
+    default: bool = Field(False, description="used when a request names no partition")
+    nodes: int | None = Field(None, ge=1, description="node count (informational, for checks)")
+    gpus_per_node: int = Field(0, ge=0)
+    gpu_type: str | None = Field(None, description="gres type, e.g. h100; None = untyped")
+    gres_name: str = "gpu"
+    gpu_request: Literal["gres", "gpus-per-node"] = Field(
+        "gres", description="how GPUs are asked for: --gres=gpu:TYPE:N or --gpus-per-node=TYPE:N"
+    )
+    cpus_per_node: int = Field(1, ge=1)
+    mem_per_node: str | None = Field(None, description="e.g. 512G; None = do not check --mem")
+    max_time: str = Field("UNLIMITED", description="the partition's MaxTime, Slurm format")
+    default_time: str | None = Field(None, description="--time when a request gives none")
+    account: str | None = Field(None, description="overrides the site account here")
+    qos: str | None = Field(None, description="overrides the site QOS here")
+    constraints: list[str] = Field(default_factory=list, description="features nodes offer")
+
+    @field_validator("gpu_type", "gres_name", "account", "qos")
+    @classmethod
+    def _slurm_names(cls, value: str | None) -> str | None:
+        return _check_slurm_name(value)
+
+    @field_validator("max_time", "default_time")
+    @classmethod
+    def _times(cls, value: str | None) -> str | None:
+        return _check_time(value)
+
+    @field_validator("mem_per_node", mode="before")
+    @classmethod
+    def _mem(cls, value: Any) -> Any:
+        return _check_mem(value)
+
+    @property
+    def max_seconds(self) -> int | None:
+        """MaxTime in seconds; None when unlimited."""
+        return parse_time(self.max_time)
+
+    @property
+    def mem_mb(self) -> int | None:
+        """Memory per node in MiB, if the site declared it."""
+        return None if self.mem_per_node is None else parse_mem_mb(self.mem_per_node)
+
+    def gpu_gres(self, count: int) -> str:
+        """The value for ``--gres`` / ``--gpus-per-node`` asking for ``count`` GPUs per node."""
+        if self.gpu_request == "gpus-per-node":
+            return f"{self.gpu_type}:{count}" if self.gpu_type else str(count)
+        parts = [self.gres_name] + ([self.gpu_type] if self.gpu_type else []) + [str(count)]
+        return ":".join(parts)
+
+
+class Modules(_Model):
+    """Environment modules loaded at the top of every job."""
+
+    system: Literal["lmod", "environment-modules", "none"] = "none"
+    init: str | None = Field(None, description="shell init script that defines `module`")
+    purge: bool = False
+    load: list[str] = Field(default_factory=list)
+
+    @property
+    def init_script(self) -> str:
+        """The init script for ``system`` (the usual Debian/RHEL path unless set)."""
+        if self.init:
+            return self.init
+        if self.system == "lmod":
+            return "/usr/share/lmod/lmod/init/bash"
+        return "/usr/share/modules/init/bash"
+
+
+class Container(_Model):
+    """Optional container every rank runs in."""
+
+    runtime: Literal["apptainer", "pyxis", "none"] = "none"
+    image: str | None = None
+    binds: list[str] = Field(default_factory=list, description="src[:dst[:opts]] mounts")
+    options: list[str] = Field(default_factory=list, description="extra runtime arguments")
+    gpu_flag: bool = Field(True, description="apptainer --nv when the job has GPUs")
+
+
+class Mpi(_Model):
+    """How ranks are launched."""
+
+    launcher: Literal["srun", "mpirun", "none"] = "srun"
+    srun_mpi: Literal["pmix", "pmi2", "none"] = "pmix"
+    srun_wait: int = Field(60, ge=0, description="srun --wait: seconds after the first rank ends")
+    mpirun_args: list[str] = Field(default_factory=list)
+
+
+class Lustre(_Model):
+    """Stripe hints applied to the directories aimass creates on a Lustre filesystem."""
+
+    stripe_count: int = Field(1, ge=-1, description="-1 = all OSTs")
+    stripe_size: str = "1M"
+
+    @field_validator("stripe_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return _check_mem(value)
+
+
+class Filesystems(_Model):
+    """Where aimass keeps things (``~`` and ``$VAR`` are expanded at load time)."""
+
+    runs: str = Field(description="root of run directories (shared with the compute nodes)")
+    models: str = Field(description="root of the model repository")
+    scratch: str | None = Field(None, description="node-local or scratch space for jobs")
+    lustre: Lustre | None = None
+
+
+class Preemption(_Model):
+    """How jobs are warned before preemption or the time limit."""
+
+    signal: str = "USR1"
+    grace_seconds: int = Field(120, ge=0, le=65535)
+    max_restarts: int = Field(3, ge=0)
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, value: str) -> str:
+        name = value.upper().removeprefix("SIG")
+        if not re.match(r"^(USR1|USR2|TERM|INT|HUP|QUIT|CONT|ALRM|URG|\d+)$", name):
+            raise ValueError(f"{value!r} is not a signal Slurm can send (e.g. USR1, TERM)")
+        return name
+
+
+class Training(_Model):
+    """Defaults for ``aimass train``."""
+
+    backend: Literal["torch", "horovod"] = "torch"
+    partition: str | None = None
+
+
+class Serving(_Model):
+    """Defaults for ``aimass serve``."""
+
+    partition: str | None = None
+    default_reservation: str | None = None
+    bind: Literal["node", "any"] = Field("node", description="node: listen on the node's address")
+    port_range: tuple[int, int] = (20000, 29999)
+
+    @field_validator("default_reservation")
+    @classmethod
+    def _resv(cls, value: str | None) -> str | None:
+        return _check_slurm_name(value)
+
+    @field_validator("port_range")
+    @classmethod
+    def _ports(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if not (1024 <= low <= high <= 65535):
+            raise ValueError(f"need 1024 <= low <= high <= 65535, got [{low}, {high}]")
+        return value
+
+
+class Search(_Model):
+    """Defaults for ``aimass search`` trials."""
+
+    partition: str | None = None
+
+
+class Site(_Model):
+    """A whole site config. ``source`` is the file it came from (not a TOML key)."""
+
+    name: str
+    description: str = ""
+    scheduler: Literal["slurm", "local"] = "slurm"
+    account: str | None = None
+    qos: str | None = None
+    constraints: list[str] = Field(default_factory=list, description="default --constraint")
+    python: str = Field(
+        "python3",
+        description="interpreter jobs use to run aimass_hpc; empty = the one running aimass "
+        "(for sites where login and compute nodes share this installation)",
+    )
+    templates: str | None = Field(None, description="dir of template overrides (same names)")
+    partitions: dict[str, Partition] = Field(min_length=1)
+    modules: Modules = Field(default_factory=Modules)
+    container: Container = Field(default_factory=Container)
+    mpi: Mpi = Field(default_factory=Mpi)
+    filesystems: Filesystems
+    env: dict[str, str] = Field(default_factory=dict, description="exported in every job")
+    preemption: Preemption = Field(default_factory=Preemption)
+    training: Training = Field(default_factory=Training)
+    serving: Serving = Field(default_factory=Serving)
+    search: Search = Field(default_factory=Search)
+    source: str | None = Field(None, exclude=True, description="set by the loader")
+
+    @field_validator("account", "qos")
+    @classmethod
+    def _names(cls, value: str | None) -> str | None:
+        return _check_slurm_name(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", value):
+            raise ValueError(f"{value!r}: use letters, digits, _ . - (it names files)")
+        return value
+
+    @field_validator("python")
+    @classmethod
+    def _python(cls, value: str) -> str:
+        return value or sys.executable
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not ENV_NAME_RE.match(key):
+                raise ValueError(f"{key!r} is not an environment variable name")
+        return value
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints(cls, value: list[str]) -> list[str]:
+        for item in value:
+            _check_slurm_name(item)
+        return value
+
+    # -- helpers used by everyone else
+
+    def partition(self, name: str | None = None) -> Partition:
+        """The partition called ``name``, or the default one when ``name`` is None."""
+        if name is None:
+            return self.default_partition
+        try:
+            return self.partitions[name]
+        except KeyError:
+            raise InputError(
+                f"partition: unknown partition {name!r} on site {self.name!r}"
+                f"{_did_you_mean(name, self.partitions)} (known: {', '.join(self.partitions)})"
+            ) from None
+
+    @property
+    def default_partition(self) -> Partition:
+        """The partition marked ``default = true`` (or the only one)."""
+        for part in self.partitions.values():
+            if part.default:
+                return part
+        return next(iter(self.partitions.values()))
+
+    @property
+    def runs_root(self) -> Path:
+        """Root directory of run directories."""
+        return Path(self.filesystems.runs)
+
+    @property
+    def models_root(self) -> Path:
+        """Root directory of the model repository."""
+        return Path(self.filesystems.models)
+
+    @property
+    def source_dir(self) -> Path | None:
+        """Directory of the site file (relative paths in the config are relative to it)."""
+        return Path(self.source).parent if self.source else None
+
+    @property
+    def template_dir(self) -> Path | None:
+        """Directory whose templates override the bundled ones, if any."""
+        if self.templates:
+            path = Path(self.templates)
+            if not path.is_absolute() and self.source_dir is not None:
+                path = self.source_dir / path
+            return path
+        if self.source and Path(self.source).name == "site.toml":
+            return self.source_dir  # directory form: NAME/site.toml + NAME/*.j2
+        return None
+
+    def ref(self) -> str:
+        """What to pass to :func:`load_site` (or ``$AIMASS_SITE``) to load this site again."""
+        return self.source or self.name
+
+
+# --------------------------------------------------------------------------- problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: where, what, and how to fix it."""
+
+    path: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.path or '<top>'}: {self.message}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+def _did_you_mean(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that owns the field at ``loc`` (to suggest its field names)."""
+    current: Any = model
+    skip_key = False  # after a dict[str, Model] field the next loc part is a key, not a field
+    for part in loc:
+        if isinstance(part, int) or skip_key:
+            skip_key = False
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        skip_key = getattr(field.annotation, "__origin__", None) is dict
+        current = _inner_model(field.annotation)
+        if current is None:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    """The BaseModel inside ``X``, ``X | None``, ``dict[str, X]`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+_BOUND_ERRORS = {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}
+
+
+def problems_from_validation(
+    exc: ValidationError, model: type[BaseModel], prefix: str = ""
+) -> list[Problem]:
+    """Turn pydantic's errors into :class:`Problem` s with key paths and hints."""
+    problems: list[Problem] = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        # dict-keyed models report loc like ('partitions', 'gpu', 'gpus_per_node'): fine as is.
+        path = _format_loc(loc)
+        if prefix:
+            path = f"{prefix}.{path}" if path else prefix
+        kind = err["type"]
+        message = err["msg"].removeprefix("Value error, ")
+        hint = ""
+        if kind == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            fields = list(owner.model_fields) if owner else []
+            fields = [f for f in fields if f not in {"source", "name"} or owner is not Site]
+            message = "unknown key"
+            guess = _did_you_mean(str(loc[-1]), fields).removeprefix("; ")
+            hint = guess or (f"known keys: {', '.join(fields)}" if fields else "")
+        elif kind == "missing":
+            message = "required key is missing"
+            hint = "add it to the config"
+        elif kind.endswith("_type") or kind.endswith("_parsing"):
+            hint = f"got {type(err.get('input')).__name__} {err.get('input')!r}"
+        elif kind == "literal_error" or kind in _BOUND_ERRORS:
+            hint = f"got {err.get('input')!r}"
+        problems.append(Problem(path, message, hint))
+    # A misspelt key also makes the real one "missing": report the unknown key first.
+    problems.sort(key=lambda p: p.message != "unknown key")
+    return problems
+
+
+def _semantic_problems(site: Site) -> list[Problem]:
+    """Checks that need the whole config (cross references, consistency)."""
+    problems: list[Problem] = []
+    defaults = [name for name, part in site.partitions.items() if part.default]
+    if len(defaults) > 1:
+        problems.append(
+            Problem(
+                "partitions",
+                f"more than one default partition: {', '.join(defaults)}",
+                "set default = true on exactly one",
+            )
+        )
+    for name, part in site.partitions.items():
+        where = f"partitions.{name}"
+        if not SLURM_NAME_RE.match(name):
+            problems.append(
+                Problem(
+                    where,
+                    f"partition name {name!r} has odd characters",
+                    "allowed: A-Z a-z 0-9 _ . + -",
+                )
+            )
+        if part.gpus_per_node and part.gpu_request == "gpus-per-node" and part.gres_name != "gpu":
+            problems.append(
+                Problem(
+                    f"{where}.gpu_request",
+                    "--gpus-per-node only asks for gres 'gpu'",
+                    "use gpu_request = 'gres' for other gres names",
+                )
+            )
+        if part.gpu_type and not part.gpus_per_node:
+            problems.append(
+                Problem(
+                    f"{where}.gpu_type",
+                    "gpu_type set but gpus_per_node is 0",
+                    "set gpus_per_node or drop gpu_type",
+                )
+            )
+        if part.default_time is not None:
+            limit, wanted = part.max_seconds, parse_time(part.default_time)
+            if limit is not None and wanted is not None and wanted > limit:
+                problems.append(
+                    Problem(
+                        f"{where}.default_time",
+                        f"{part.default_time} is above max_time {part.max_time}",
+                        "lower it or raise max_time",
+                    )
+                )
+    for section in ("training", "serving", "search"):
+        wanted = getattr(site, section).partition
+        if wanted is not None and wanted not in site.partitions:
+            problems.append(
+                Problem(
+                    f"{section}.partition",
+                    f"unknown partition {wanted!r}",
+                    _did_you_mean(wanted, site.partitions).removeprefix("; ")
+                    or f"known: {', '.join(site.partitions)}",
+                )
+            )
+    ctr = site.container
+    if ctr.runtime != "none" and not ctr.image:
+        problems.append(
+            Problem(
+                "container.image",
+                f"runtime {ctr.runtime!r} needs an image",
+                "set image or runtime = 'none'",
+            )
+        )
+    if ctr.runtime == "pyxis" and site.mpi.launcher != "srun":
+        problems.append(
+            Problem(
+                "container.runtime", "pyxis only works through srun", "set mpi.launcher = 'srun'"
+            )
+        )
+    if site.scheduler == "local" and site.mpi.launcher == "srun":
+        problems.append(
+            Problem(
+                "mpi.launcher",
+                "the local scheduler has no srun",
+                "use 'none' (or 'mpirun') with scheduler = 'local'",
+            )
+        )
+    if site.modules.system == "none" and site.modules.load:
+        problems.append(
+            Problem(
+                "modules.system",
+                "modules to load but system is 'none'",
+                "set system = 'lmod' or 'environment-modules'",
+            )
+        )
+    template_dir = site.template_dir
+    if site.templates and template_dir is not None and not template_dir.is_dir():
+        problems.append(
+            Problem(
+                "templates",
+                f"not a directory: {template_dir}",
+                "point it at a directory holding *.j2 overrides",
+            )
+        )
+    return problems
+
+
+def _expand_paths(data: dict[str, Any]) -> list[Problem]:
+    """Expand ``~``/``$VAR`` in filesystem paths in place; unset variables are problems."""
+    problems: list[Problem] = []
+    targets: list[tuple[Any, Any, str]] = []
+    fs = data.get("filesystems")
+    if isinstance(fs, dict):
+        targets += [(fs, key, f"filesystems.{key}") for key in ("runs", "models", "scratch")]
+    ctr = data.get("container")
+    if isinstance(ctr, dict):
+        targets.append((ctr, "image", "container.image"))
+    targets.append((data, "templates", "templates"))
+    if isinstance(ctr, dict) and isinstance(ctr.get("binds"), list):
+        ctr["binds"] = list(ctr["binds"])
+        targets += [(ctr["binds"], i, f"container.binds[{i}]") for i in range(len(ctr["binds"]))]
+    for holder, key, path in targets:
+        value = holder[key] if isinstance(holder, list) else holder.get(key)
+        if isinstance(value, str):
+            try:
+                holder[key] = expand_path(value)
+            except ValueError as exc:
+                problems.append(Problem(path, str(exc), "set it or write the path out"))
+    return problems
+
+
+def parse_site(
+    data: dict[str, Any], source: str | None = None
+) -> tuple[Site | None, list[Problem]]:
+    """Validate a parsed TOML mapping; returns the site (None if invalid) and all problems."""
+    data = dict(data)
+    data.pop("source", None)
+    problems = _expand_paths(data)
+    parts = data.get("partitions")
+    if isinstance(parts, dict):
+        data["partitions"] = {
+            name: ({**part, "name": name} if isinstance(part, dict) else part)
+            for name, part in parts.items()
+        }
+    try:
+        site = Site.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        return None, problems + problems_from_validation(exc, Site)
+    problems += _semantic_problems(site)
+    return (None if problems else site), problems
+
+
+def validate_site_file(path: str | os.PathLike[str]) -> list[Problem]:
+    """Every problem in the site file at ``path`` (empty list = valid)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return [Problem("", f"no such file: {path}", "give a path to a .toml or a site name")]
+    except tomllib.TOMLDecodeError as exc:
+        return [Problem("", f"not valid TOML: {exc}", "fix the syntax first")]
+    except UnicodeDecodeError:
+        return [Problem("", "not UTF-8 text", "save the file as UTF-8")]
+    return parse_site(data, str(path.resolve()))[1]
+
+
+def _site_file_in(directory: Path, name: str) -> Path | None:
+    for candidate in (directory / f"{name}.toml", directory / name / "site.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_site_path(ref: str | None = None) -> Path:
+    """Find the site file for ``ref`` (name or path), following the lookup order."""
+    if ref is None:
+        ref = os.environ.get(SITE_ENV) or None
+    if ref is None:
+        raise InputError(
+            "no site given: pass --site NAME|PATH or set $AIMASS_SITE "
+            f"(bundled sites: {', '.join(sorted(s for s, _ in list_sites()))})"
+        )
+    as_path = Path(os.path.expanduser(ref))
+    if ref.endswith(".toml") or os.sep in ref or as_path.is_file():
+        if as_path.is_file():
+            return as_path.resolve()
+        if as_path.is_dir() and (as_path / "site.toml").is_file():
+            return (as_path / "site.toml").resolve()
+        raise NotFoundError(f"site file not found: {ref}")
+    for directory in search_dirs():
+        found = _site_file_in(directory, ref)
+        if found is not None:
+            return found.resolve()
+    known = [name for name, _ in list_sites()]
+    raise NotFoundError(
+        f"unknown site {ref!r}{_did_you_mean(ref, known)} (known: {', '.join(known)})"
+    )
+
+
+def list_sites() -> list[tuple[str, Path]]:
+    """All sites visible by name: (name, file), earlier search dirs shadowing later ones."""
+    seen: dict[str, Path] = {}
+    for directory in search_dirs():
+        if not directory.is_dir():
+            continue
+        for entry in sorted(directory.iterdir()):
+            if entry.suffix == ".toml" and entry.is_file():
+                seen.setdefault(entry.stem, entry)
+            elif entry.is_dir() and (entry / "site.toml").is_file():
+                seen.setdefault(entry.name, entry / "site.toml")
+    return sorted(seen.items())
+
+
+def load_site(ref: str | None = None) -> Site:
+    """Load and validate a site by name or path (see the module doc for the lookup order).
+
+    Raises ``InputError`` naming the first problem (and how many more) when the config is
+    invalid, ``NotFoundError`` when no such site exists.
+    """
+    path = resolve_site_path(ref)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"site {path}: not valid TOML: {exc}") from None
+    site, problems = parse_site(data, str(path))
+    if site is None or problems:
+        more = (
+            f" (+{len(problems) - 1} more; run `aimass site check {path}`)"
+            if len(problems) > 1
+            else ""
+        )
+        raise InputError(f"site {path}: {problems[0]}{more}")
+    return site

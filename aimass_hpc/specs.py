@@ -1,0 +1,360 @@
+"""What a user asks the scheduler for: :class:`JobRequest`, and the generic job spec TOML.
+
+A ``JobRequest`` is scheduler-neutral and site-neutral until :meth:`JobRequest.resolve` checks
+it against a :class:`~aimass_hpc.site.Site` and fills the site's defaults (partition, account,
+QOS, time). Training, search and serving build their own richer specs and turn them into a
+``JobRequest`` of their ``kind``; the renderer only ever sees resolved requests.
+
+Generic job spec (``aimass submit hello.toml``)::
+
+    [job]
+    name = "hello"
+    command = ["python3", "-c", "print('hi')"]
+    nodes = 2
+    ntasks_per_node = 2
+    gpus_per_node = 2
+    time = "00:05:00"
+    [job.env]
+    GREETING = "hello world"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from aimass_hpc.errors import InputError
+from aimass_hpc.site import (
+    ENV_NAME_RE,
+    SLURM_NAME_RE,
+    Site,
+    _did_you_mean,
+    parse_mem_mb,
+    problems_from_validation,
+)
+from aimass_hpc.timelimit import TimeLimitError, format_time, parse_time
+
+Kind = Literal["job", "train", "trial", "serve"]
+Launcher = Literal["srun", "mpirun", "none"]
+
+# Options the tool sets itself: a raw passthrough may not repeat or override them.
+CONTROLLED_OPTIONS: dict[str, str] = {
+    "--job-name": "name",
+    "-J": "name",
+    "--nodes": "nodes",
+    "-N": "nodes",
+    "--ntasks": "nodes/ntasks_per_node",
+    "-n": "nodes/ntasks_per_node",
+    "--ntasks-per-node": "ntasks_per_node",
+    "--cpus-per-task": "cpus_per_task",
+    "-c": "cpus_per_task",
+    "--gres": "gpus_per_node",
+    "--gpus": "gpus_per_node",
+    "-G": "gpus_per_node",
+    "--gpus-per-node": "gpus_per_node",
+    "--gpus-per-task": "gpus_per_node",
+    "--mem": "mem",
+    "--time": "time",
+    "-t": "time",
+    "--partition": "partition",
+    "-p": "partition",
+    "--account": "account",
+    "-A": "account",
+    "--qos": "qos",
+    "-q": "qos",
+    "--reservation": "reservation",
+    "--dependency": "dependency",
+    "-d": "dependency",
+    "--array": "array",
+    "-a": "array",
+    "--requeue": "requeue",
+    "--no-requeue": "requeue",
+    "--signal": "signal",
+    "--output": "(the run directory's logs/)",
+    "-o": "(the run directory's logs/)",
+    "--error": "(the run directory's logs/)",
+    "-e": "(the run directory's logs/)",
+    "--open-mode": "(the run directory's logs/)",
+    "--chdir": "workdir",
+    "-D": "workdir",
+    "--constraint": "constraint",
+    "-C": "constraint",
+    "--wrap": "command",
+    "--parsable": "(aimass reads the job id)",
+    "--test-only": "(aimass render / --dry-run)",
+    "--export": "env",
+}
+
+# Raw #SBATCH values must survive sbatch's own line parsing unchanged: no quotes, spaces,
+# shell syntax or comment characters.
+SBATCH_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,:=@%+/\-\[\]]*$")
+_DEPENDENCY_RE = re.compile(
+    r"^(?:(?:after|afterany|afterok|afternotok|aftercorr|afterburstbuffer)(?::\d+(?:_\d+)?(?:\+\d+)?)+"
+    r"|singleton)(?:[,?](?:(?:after|afterany|afterok|afternotok|aftercorr|afterburstbuffer)"
+    r"(?::\d+(?:_\d+)?(?:\+\d+)?)+|singleton))*$"
+)
+_ARRAY_RE = re.compile(r"^\d+(?:-\d+(?::\d+)?)?(?:,\d+(?:-\d+(?::\d+)?)?)*(?:%\d+)?$")
+
+
+def slurm_job_name(name: str) -> str:
+    """The name Slurm sees: ``name`` with anything outside ``[A-Za-z0-9_.+-]`` turned into ``_``.
+
+    The exact name travels in ``AIMASS_JOB_NAME``; Slurm's copy only has to be safe to print
+    and to put on an ``#SBATCH`` line.
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.+\-]", "_", name)[:100].strip("-") or "job"
+    return safe
+
+
+class JobRequest(BaseModel):
+    """One batch job to run. Fields left ``None`` take the site's defaults in :meth:`resolve`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Kind = "job"
+    name: str = Field(min_length=1, max_length=1000)
+    command: list[str] = Field(
+        min_length=1, description="argv run on every task (or once when launcher is 'none')"
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="exported before launch")
+    nodes: int = Field(1, ge=1)
+    ntasks_per_node: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem: str | None = Field(None, description="per node, Slurm syntax (16G)")
+    time: str | None = Field(None, description="Slurm time limit; None = partition default")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    reservation: str | None = None
+    constraint: str | None = Field(None, description="--constraint expression")
+    dependency: str | None = Field(None, description="e.g. afterok:123:124")
+    array: str | None = Field(None, description="e.g. 0-9%2")
+    requeue: bool = False
+    signal: bool = Field(True, description="warn the job before the end (site preemption)")
+    sbatch_extra: list[str] = Field(default_factory=list, description="raw --opt=value items")
+    workdir: str | None = Field(None, description="cwd of the command; None = the run dir")
+    launcher: Launcher | None = Field(None, description="None = the site's mpi.launcher")
+    template_vars: dict[str, Any] = Field(default_factory=dict, description="kind extras")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not ENV_NAME_RE.match(key):
+                raise ValueError(f"{key!r} is not an environment variable name")
+        return value
+
+    @field_validator("partition", "account", "qos", "reservation")
+    @classmethod
+    def _slurm_names(cls, value: str | None) -> str | None:
+        if value is not None and not SLURM_NAME_RE.match(value):
+            raise ValueError(f"{value!r} has characters Slurm names do not use")
+        return value
+
+    @field_validator("constraint")
+    @classmethod
+    def _constraint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z0-9_.+\-&|\[\]*:()!]+$", value):
+            raise ValueError(f"{value!r} is not a constraint expression")
+        return value
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            parse_time(value)
+        except TimeLimitError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_mem_mb(value)
+        return value
+
+    @field_validator("dependency")
+    @classmethod
+    def _dependency(cls, value: str | None) -> str | None:
+        if value is not None and not _DEPENDENCY_RE.match(value):
+            raise ValueError(f"{value!r} is not a dependency list (e.g. afterok:123:124)")
+        return value
+
+    @field_validator("array")
+    @classmethod
+    def _array(cls, value: str | None) -> str | None:
+        if value is not None and not _ARRAY_RE.match(value):
+            raise ValueError(f"{value!r} is not an array range (e.g. 0-9%2, 1,3,5)")
+        return value
+
+    @field_validator("sbatch_extra")
+    @classmethod
+    def _extra(cls, value: list[str]) -> list[str]:
+        for item in value:
+            check_sbatch_extra(item)
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str]) -> list[str]:
+        if not value[0]:
+            raise ValueError("the program (command[0]) is empty")
+        return value
+
+    # ------------------------------------------------------------------ resolution
+
+    @property
+    def slurm_name(self) -> str:
+        """The sanitised name Slurm shows (see :func:`slurm_job_name`)."""
+        return slurm_job_name(self.name)
+
+    def resolve(self, site: Site) -> JobRequest:
+        """Check against ``site`` and fill its defaults; raises ``InputError`` naming the field.
+
+        Defaults: partition (the kind's partition from ``[training]``/``[search]``/``[serving]``,
+        else the site default), time (the partition's ``default_time``), account and QOS
+        (partition, then site), constraints, launcher (``mpi.launcher``) and, for ``serve``,
+        the site's default reservation. Idempotent: resolving a resolved request changes
+        nothing.
+        """
+        kind_default = {
+            "train": site.training.partition,
+            "trial": site.search.partition,
+            "serve": site.serving.partition,
+        }.get(self.kind)
+        part = site.partition(self.partition or kind_default)  # InputError("partition: ...")
+        updates: dict[str, Any] = {"partition": part.name}
+        if self.kind == "serve" and self.reservation is None:
+            updates["reservation"] = site.serving.default_reservation
+        if self.gpus_per_node > part.gpus_per_node:
+            raise InputError(
+                f"gpus_per_node: {self.gpus_per_node} GPUs per node asked, partition "
+                f"{part.name!r} nodes have {part.gpus_per_node}"
+            )
+        if part.nodes is not None and self.nodes > part.nodes:
+            raise InputError(
+                f"nodes: {self.nodes} nodes asked, partition {part.name!r} has {part.nodes}"
+            )
+        cpus = (self.cpus_per_task or 1) * self.ntasks_per_node
+        if cpus > part.cpus_per_node:
+            raise InputError(
+                f"cpus_per_task: {self.ntasks_per_node} tasks x {self.cpus_per_task or 1} CPUs "
+                f"per node asked, partition {part.name!r} nodes have {part.cpus_per_node}"
+            )
+        if (
+            self.mem is not None
+            and part.mem_mb is not None
+            and parse_mem_mb(self.mem) > part.mem_mb
+        ):
+            raise InputError(
+                f"mem: {self.mem} per node asked, partition {part.name!r} nodes have "
+                f"{part.mem_per_node}"
+            )
+        time = self.time or part.default_time
+        if time is not None:
+            seconds = parse_time(time)
+            limit = part.max_seconds
+            if limit is not None and (seconds is None or seconds > limit):
+                raise InputError(
+                    f"time: {time} is over partition {part.name!r}'s limit {part.max_time}"
+                )
+            updates["time"] = format_time(seconds)
+        updates["account"] = self.account or part.account or site.account
+        updates["qos"] = self.qos or part.qos or site.qos
+        if self.constraint is None and site.constraints:
+            updates["constraint"] = "&".join(site.constraints)
+        launcher = self.launcher or site.mpi.launcher
+        if site.container.runtime == "pyxis" and launcher != "srun":
+            raise InputError(f"launcher: {launcher!r} cannot start pyxis containers; use 'srun'")
+        if site.scheduler == "local" and launcher == "srun":
+            raise InputError("launcher: the local scheduler has no srun; use 'none' or 'mpirun'")
+        updates["launcher"] = launcher
+        if self.requeue and site.preemption.max_restarts == 0:
+            raise InputError(
+                f"requeue: site {site.name!r} allows no restarts (preemption.max_restarts = 0)"
+            )
+        return self.model_copy(update=updates)
+
+
+def check_sbatch_extra(item: str) -> str:
+    """Validate one raw sbatch option (``--opt`` or ``--opt=value``); returns it unchanged."""
+    if not item.startswith("--") or len(item) < 3:
+        raise ValueError(f"{item!r}: give long options as --name=value")
+    option, _, value = item.partition("=")
+    if option in CONTROLLED_OPTIONS:
+        raise ValueError(
+            f"{option} is set by aimass (use the {CONTROLLED_OPTIONS[option]!s} field instead)"
+        )
+    if not re.match(r"^--[a-z][a-z0-9\-]*$", option):
+        raise ValueError(f"{option!r} is not an sbatch option name")
+    if not SBATCH_VALUE_RE.match(value):
+        raise ValueError(f"{item!r}: the value has characters that cannot go on an #SBATCH line")
+    return item
+
+
+_SBATCH_LINE_RE = re.compile(r"^#SBATCH\s+(-{1,2}[A-Za-z][\w-]*)(?:[=\s]\s*(\S+))?")
+
+
+def sbatch_options(script: str) -> dict[str, str]:
+    """The ``#SBATCH`` options at the top of a script (``--opt`` -> value or "")."""
+    options: dict[str, str] = {}
+    for line in script.splitlines()[1:]:
+        if not line.startswith("#"):
+            if line.strip():
+                break
+            continue
+        match = _SBATCH_LINE_RE.match(line)
+        if match:
+            options[match.group(1)] = match.group(2) or ""
+    return options
+
+
+# ------------------------------------------------------------------ generic job spec files
+
+
+def load_job_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobRequest:
+    """Read a generic job spec TOML (a ``[job]`` table) into a :class:`JobRequest`.
+
+    ``overrides`` (e.g. from CLI flags) replace keys of the table. Errors name the key path.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"spec file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML: {exc}") from None
+    unknown = [key for key in data if key != "job"]
+    if unknown:
+        raise InputError(
+            f"{path}: {unknown[0]}: unknown table{_did_you_mean(unknown[0], ['job'])} "
+            "(a job spec has one [job] table)"
+        )
+    table = data.get("job")
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: job: required table is missing (add a [job] table)")
+    return request_from_mapping({**table, **(overrides or {})}, where=f"{path}: job")
+
+
+def request_from_mapping(data: dict[str, Any], where: str = "job") -> JobRequest:
+    """Validate a mapping into a :class:`JobRequest`; ``InputError`` names the first bad key."""
+    if isinstance(data.get("command"), str):
+        raise InputError(
+            f'{where}.command: give a list of arguments, e.g. ["bash", "-c", "..."] '
+            "(a string would need shell parsing)"
+        )
+    try:
+        return JobRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = problems_from_validation(exc, JobRequest)
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        first = problems[0]
+        raise InputError(f"{where}.{first}{more}") from None

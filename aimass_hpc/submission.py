@@ -1,0 +1,215 @@
+"""From a request to a queued job: render, make the run directory, submit, record.
+
+``submit`` is what every ``aimass`` command that starts work calls (train, search trials,
+serve); ``submit_script`` does the same for a plain batch script a user wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aimass_hpc import __version__
+from aimass_hpc.errors import AimassError, InputError
+from aimass_hpc.render import render_request
+from aimass_hpc.runs import RunDir, index_job
+from aimass_hpc.scheduler import Scheduler, get_scheduler
+from aimass_hpc.site import Site
+from aimass_hpc.specs import JobRequest, check_sbatch_extra, sbatch_options, slurm_job_name
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The outcome of :func:`submit`. ``job_id`` is None for a dry run."""
+
+    run_dir: RunDir
+    job_id: str | None
+    script: str
+    request: JobRequest | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (``--json``)."""
+        return {
+            "job_id": self.job_id,
+            "run_dir": str(self.run_dir.path),
+            "name": self.request.name if self.request else self.run_dir.name,
+            "dry_run": self.job_id is None,
+        }
+
+
+def submit(
+    site: Site,
+    request: JobRequest,
+    *,
+    spec: dict[str, Any] | None = None,
+    files: dict[str, bytes | str] | None = None,
+    dry_run: bool = False,
+    runs_root: str | os.PathLike[str] | None = None,
+    scheduler: Scheduler | None = None,
+) -> Submission:
+    """Render ``request`` for ``site``, create its run directory and queue it.
+
+    The run directory gets ``spec.json`` (the resolved request, the site, and the caller's
+    ``spec`` payload under ``"spec"``), ``job.sh``, every entry of ``files`` (relative path ->
+    content) and ``state.json``. With ``dry_run`` nothing is written or queued: the returned
+    ``run_dir`` is where it would have gone and ``script`` is the script. ``scheduler``
+    overrides the site's backend (tests wrap its runner).
+    """
+    resolved = request.resolve(site)
+    scheduler = scheduler or get_scheduler(site)
+    scheduler.check_request(resolved)
+    root = Path(runs_root) if runs_root is not None else site.runs_root
+    if dry_run:
+        run = RunDir.new_path(root, resolved.name)
+        return Submission(run, None, render_request(site, resolved, run.path), resolved)
+    # Render before creating anything so a bad template leaves no empty run directory.
+    probe = RunDir.new_path(root, resolved.name)
+    render_request(site, resolved, probe.path)
+    run = RunDir.create(root, resolved.name)
+    script = render_request(site, resolved, run.path)
+    run.write_spec(
+        {
+            "request": resolved.model_dump(mode="json"),
+            "site": site.name,
+            "site_ref": site.ref(),
+            "spec": spec or {},
+            "aimass_version": __version__,
+            "created_at": time.time(),
+        }
+    )
+    run.write_script(script)
+    for relpath, data in (files or {}).items():
+        run.write_file(relpath, data)
+    run.update_state(
+        name=resolved.name,
+        kind=resolved.kind,
+        site=site.name,
+        status="rendered",
+        scheduler=scheduler.name,
+        created_at=time.time(),
+    )
+    return Submission(run, _queue(scheduler, run, root), script, resolved)
+
+
+def submit_script(
+    site: Site,
+    script_path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    sbatch_args: list[str] | None = None,
+    dry_run: bool = False,
+    runs_root: str | os.PathLike[str] | None = None,
+    scheduler: Scheduler | None = None,
+) -> Submission:
+    """Submit a plain batch script the user wrote, with a run directory like any other job.
+
+    The script is copied into the run directory as ``job.sh`` and runs there (its relative
+    ``#SBATCH --output`` lands in the run dir); ``AIMASS_RUN_DIR`` and ``AIMASS_JOB_NAME`` are
+    in its environment. ``sbatch_args`` go on the sbatch command line, so they are checked
+    like a spec's ``sbatch_extra`` plus the resource options a script may legitimately set.
+    """
+    source = Path(script_path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"script not found: {source}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{source}: not a text script") from None
+    if not text.startswith("#!"):
+        raise InputError(f"{source}: a batch script must start with #! (e.g. #!/bin/bash)")
+    args = list(sbatch_args or [])
+    for arg in args:
+        _check_script_arg(arg)
+    job_name = name or source.stem
+    scheduler = scheduler or get_scheduler(site)
+    root = Path(runs_root) if runs_root is not None else site.runs_root
+    if dry_run:
+        return Submission(RunDir.new_path(root, job_name), None, text)
+    run = RunDir.create(root, job_name)
+    run.write_script(text)
+    run.write_spec(
+        {
+            "request": None,
+            "script": str(source.resolve()),
+            "sbatch_args": args,
+            "site": site.name,
+            "site_ref": site.ref(),
+            "spec": {},
+            "aimass_version": __version__,
+            "created_at": time.time(),
+        }
+    )
+    run.update_state(
+        name=job_name,
+        kind="script",
+        site=site.name,
+        status="rendered",
+        scheduler=scheduler.name,
+        created_at=time.time(),
+    )
+    options = sbatch_options(text)
+    if not any(a.startswith("--job-name=") for a in args) and not {"--job-name", "-J"} & set(
+        options
+    ):
+        args.insert(0, f"--job-name={slurm_job_name(job_name)}")
+    if not any(a.startswith("--output=") for a in args) and not {"--output", "-o"} & set(options):
+        args.insert(0, "--output=logs/slurm-%j.out")  # Slurm's output next to our logs
+    env = {"AIMASS_RUN_DIR": str(run.path), "AIMASS_JOB_NAME": job_name, "AIMASS_SITE": site.ref()}
+    return Submission(run, _queue(scheduler, run, root, args, env), text)
+
+
+# Options a plain script's submitter may pass (they are what the script would otherwise say).
+_SCRIPT_ALLOWED = {
+    "--job-name",
+    "--nodes",
+    "--ntasks",
+    "--ntasks-per-node",
+    "--cpus-per-task",
+    "--gres",
+    "--gpus",
+    "--gpus-per-node",
+    "--mem",
+    "--time",
+    "--partition",
+    "--account",
+    "--qos",
+    "--reservation",
+    "--dependency",
+    "--array",
+    "--requeue",
+    "--signal",
+    "--constraint",
+}
+
+
+def _check_script_arg(arg: str) -> None:
+    option, sep, value = arg.partition("=")
+    try:
+        if option in _SCRIPT_ALLOWED:
+            check_sbatch_extra(f"--x={value}" if sep else "--x")  # the same value check
+        else:
+            check_sbatch_extra(arg)
+    except ValueError as exc:
+        raise InputError(f"sbatch_args: {exc}") from None
+
+
+def _queue(
+    scheduler: Scheduler,
+    run: RunDir,
+    root: Path,
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
+    try:
+        job_id = scheduler.submit(
+            run.script_path, run_dir=run.path, extra_args=extra_args or [], env=env
+        )
+    except AimassError as exc:
+        run.update_state(status="submit_failed", error=str(exc))
+        raise
+    index_job(root, job_id, run)
+    run.update_state(status="submitted", job_id=job_id, submitted_at=time.time())
+    return job_id
