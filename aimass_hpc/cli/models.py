@@ -1,0 +1,535 @@
+"""``aimass models``: list, inspect, search, promote, verify and move model versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from aimass_hpc.errors import InputError, IntegrityError
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+_IUNITS = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
+_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kmgtpKMGTP]i?)?[bB]?\s*$")
+
+
+class _Ctx:
+    """Where the repository is: --repo, else $AIMASS_REPO, else the site's filesystems.models."""
+
+    def __init__(self, repo: str | None, site: str | None) -> None:
+        self.repo_arg = repo
+        self.site = site
+
+    def root(self) -> str:
+        if self.repo_arg:
+            return self.repo_arg
+        if os.environ.get("AIMASS_REPO"):
+            return os.environ["AIMASS_REPO"]
+        try:
+            from aimass_hpc.site import load_site
+        except ImportError:
+            raise InputError(
+                "no model repository given: pass --repo PATH or set AIMASS_REPO"
+            ) from None
+        site = load_site(self.site)
+        root = getattr(getattr(site, "filesystems", None), "models", None)
+        if not root:
+            raise InputError(
+                "the site config sets no filesystems.models: pass --repo PATH or set AIMASS_REPO"
+            )
+        return str(root)
+
+    def open(self, create: bool = False) -> Any:
+        from aimass_hpc.repo import ModelRepository
+
+        return ModelRepository(self.root(), create=create)
+
+
+def _console() -> Console:
+    return Console(file=sys.stdout, soft_wrap=False)
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def parse_quantity(text: str, what: str) -> float:
+    """``1.5e9``, ``2G`` (10^9), ``8GiB`` (2^30), ``512M`` -> a number."""
+    m = _QUANTITY.match(text)
+    if not m:
+        raise InputError(f"invalid {what} {text!r}: expected a number like 2e9, 8GiB or 512M")
+    unit = (m.group(2) or "").lower()
+    return float(m.group(1)) * (_IUNITS[unit] if unit.endswith("i") else _UNITS[unit])
+
+
+def parse_range(text: str, what: str) -> tuple[float | None, float | None]:
+    """``LO:HI`` with either end optional (``0.9:``, ``:8GiB``); a single value is exact."""
+    if ":" not in text:
+        v = parse_quantity(text, what)
+        return (v, v)
+    lo, _, hi = text.partition(":")
+    return (
+        parse_quantity(lo, what) if lo.strip() else None,
+        parse_quantity(hi, what) if hi.strip() else None,
+    )
+
+
+def _human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _human_count(n: float | None, suffix: str = "") -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}{suffix}"
+    return f"{n:.3g}{suffix}"
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+    )
+
+
+def _when(v: Any) -> str:
+    created = v.created or ""
+    return created[:19].replace("T", " ")
+
+
+def _aliases_by_version(repo: Any, name: str) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for alias, n in repo.aliases(name).items():
+        out.setdefault(n, []).append(alias)
+    return out
+
+
+def _versions_table(repo: Any, versions: Iterable[Any], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("ref", "created", "kind", "params", "size", "metrics", "tags", "aliases"):
+        table.add_column(col, overflow="fold")
+    alias_cache: dict[str, dict[int, list[str]]] = {}
+    for v in versions:
+        if v.name not in alias_cache:
+            alias_cache[v.name] = _aliases_by_version(repo, v.name)
+        table.add_row(
+            v.ref,
+            _when(v),
+            v.kind,
+            _human_count(v.param_count),
+            _human_bytes(v.metadata.get("tensor_bytes")),
+            _metrics_text(v.metrics),
+            ",".join(v.tags),
+            ",".join(alias_cache[v.name].get(v.number, [])),
+        )
+    return table
+
+
+@click.group()
+@click.option(
+    "--repo",
+    "repo",
+    metavar="PATH",
+    help="Repository root (default: $AIMASS_REPO, else the site's filesystems.models).",
+)
+@click.option("--site", metavar="NAME|PATH", help="Site config whose filesystems.models to use.")
+@click.pass_context
+def models(ctx: click.Context, repo: str | None, site: str | None) -> None:
+    """Model repository: versions, aliases, verification, export and import."""
+    ctx.obj = _Ctx(repo, site)
+
+
+pass_ctx = click.make_pass_decorator(_Ctx)
+
+
+@models.command("ls")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_ctx
+def ls(ctx: _Ctx, name: str | None, as_json: bool) -> None:
+    """List models, or the versions of NAME."""
+    repo = ctx.open()
+    if name:
+        versions = repo.versions(name)
+        if as_json:
+            aliases = _aliases_by_version(repo, name)
+            _emit_json([{**v.to_dict(), "aliases": aliases.get(v.number, [])} for v in versions])
+            return
+        _console().print(_versions_table(repo, versions, f"{name} ({repo.root})"))
+        return
+    rows = []
+    for model in repo.names():
+        numbers = repo.version_numbers(model)
+        latest = repo.get(f"{model}:{numbers[-1]}")
+        rows.append(
+            {
+                "name": model,
+                "versions": len(numbers),
+                "latest": latest.ref,
+                "created": latest.created,
+                "aliases": repo.aliases(model),
+            }
+        )
+    if as_json:
+        _emit_json(rows)
+        return
+    table = Table(title=f"models in {repo.root}")
+    for col in ("name", "versions", "latest", "updated", "aliases"):
+        table.add_column(col)
+    for r in rows:
+        aliases = " ".join(f"{a}→{n}" for a, n in sorted(r["aliases"].items()))
+        table.add_row(
+            r["name"], str(r["versions"]), r["latest"], (r["created"] or "")[:19], aliases
+        )
+    _console().print(table)
+
+
+@models.command("show")
+@click.argument("ref")
+@click.option("--tensors", is_flag=True, help="Also list every stored tensor.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@pass_ctx
+def show(ctx: _Ctx, ref: str, tensors: bool, as_json: bool) -> None:
+    """Show the metadata of REF (name, name:VERSION or name@ALIAS)."""
+    repo = ctx.open()
+    v = repo.get(ref)
+    aliases = _aliases_by_version(repo, v.name).get(v.number, [])
+    manifest = repo.manifest(v.ref) if tensors else None
+    if as_json:
+        out = {**v.to_dict(), "aliases": aliases}
+        if manifest is not None:
+            out["tensors"] = manifest
+        _emit_json(out)
+        return
+    m = v.metadata
+    table = Table(title=v.ref, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    fields = [
+        ("path", str(v.path)),
+        ("created", f"{v.created} by {m.get('user')}@{m.get('host')}"),
+        ("slurm job", m.get("slurm_job_id") or "-"),
+        ("git commit", m.get("git_commit") or "-"),
+        ("kind", v.kind),
+        ("contents", ", ".join(v.contents)),
+        ("parent", v.parent or "-"),
+        ("aliases", ", ".join(aliases) or "-"),
+        ("parameters", f"{v.param_count:,}"),
+        ("tensors", f"{m.get('tensor_count', 0)} ({_human_bytes(m.get('tensor_bytes'))})"),
+        ("dtypes", " ".join(f"{k}×{n}" for k, n in (m.get("dtypes") or {}).items()) or "-"),
+        ("file size", _human_bytes(v.file_size)),
+        ("FLOPs/sample", _human_count(v.flops_per_sample, "FLOP")),
+        ("peak memory", _human_bytes(v.peak_memory_bytes)),
+        ("metrics", _metrics_text(v.metrics) or "-"),
+        ("hyperparameters", json.dumps(v.hyperparameters) if v.hyperparameters else "-"),
+        ("tags", ", ".join(v.tags) or "-"),
+        ("description", v.description or "-"),
+        ("recipe", json.dumps(v.recipe) if v.recipe else "-"),
+        ("run", json.dumps(v.run) if v.run else "-"),
+        ("framework", " ".join(f"{k}={x}" for k, x in (m.get("framework") or {}).items())),
+    ]
+    if v.kind == "sharded":
+        fields.insert(5, ("shards", f"{m.get('world_size')} (key {m.get('shard_key')})"))
+    for key, value in fields:
+        table.add_row(key, str(value))
+    console = _console()
+    console.print(table)
+    if manifest is not None:
+        tt = Table(title=f"tensors of {v.ref}")
+        for col in ("name", "dtype", "shape", "bytes", "stored", "xxh3"):
+            tt.add_column(col, overflow="fold")
+        for e in manifest:
+            tt.add_row(
+                e["name"],
+                str(e["dtype"]),
+                "×".join(map(str, e["shape"])) or "scalar",
+                _human_bytes(e["nbytes"]),
+                e["stored"],
+                e["checksum"],
+            )
+        console.print(tt)
+
+
+@models.command("search")
+@click.option("--name", "name", default="*", show_default=True, help="Model name glob.")
+@click.option("--tag", "tags", multiple=True, help="Required tag (repeatable).")
+@click.option(
+    "--metric", "metrics", multiple=True, metavar="NAME=LO:HI", help="Metric range (repeatable)."
+)
+@click.option("--flops", metavar="LO:HI", help="FLOPs per sample range, e.g. 1e9:5G.")
+@click.option("--memory", metavar="LO:HI", help="Peak memory range, e.g. :8GiB.")
+@click.option("--since", help="Created at or after (ISO date or age like 7d).")
+@click.option("--until", help="Created at or before (ISO date or age like 1d).")
+@click.option("--kind", type=click.Choice(["model", "checkpoint", "sharded"]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_ctx
+def search(
+    ctx: _Ctx,
+    name: str,
+    tags: tuple[str, ...],
+    metrics: tuple[str, ...],
+    flops: str | None,
+    memory: str | None,
+    since: str | None,
+    until: str | None,
+    kind: str | None,
+    as_json: bool,
+) -> None:
+    """Find versions by name, tags, metric ranges, FLOPs, memory and date."""
+    ranges = {}
+    for item in metrics:
+        key, sep, rng = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"invalid --metric {item!r}: expected NAME=LO:HI, e.g. acc=0.9:")
+        ranges[key] = parse_range(rng, f"range for metric {key}")
+    repo = ctx.open()
+    found = repo.search(
+        name,
+        tags=list(tags) or None,
+        metrics=ranges,
+        flops=parse_range(flops, "--flops") if flops else None,
+        memory=parse_range(memory, "--memory") if memory else None,
+        since=since,
+        until=until,
+        kind=kind,
+    )
+    if as_json:
+        _emit_json([v.to_dict() for v in found])
+        return
+    _console().print(_versions_table(repo, found, f"{len(found)} matching version(s)"))
+
+
+@models.command("promote")
+@click.argument("ref")
+@click.argument("alias")
+@pass_ctx
+def promote(ctx: _Ctx, ref: str, alias: str) -> None:
+    """Point ALIAS of a model at REF (name:VERSION or name@OTHER_ALIAS)."""
+    from aimass_hpc.repo import parse_ref
+
+    repo = ctx.open()
+    r = parse_ref(ref)
+    target = repo.get(r)
+    previous = repo.aliases(r.name).get(alias)
+    repo.promote(r.name, target.number, alias)
+    was = f" (was {r.name}:{previous})" if previous is not None else ""
+    click.echo(f"{r.name}@{alias} -> {target.ref}{was}")
+
+
+@models.command("rollback")
+@click.argument("ref", metavar="NAME@ALIAS")
+@pass_ctx
+def rollback(ctx: _Ctx, ref: str) -> None:
+    """Point NAME@ALIAS back at its previous target."""
+    name, sep, alias = ref.partition("@")
+    if not sep or not alias:
+        raise InputError(f"rollback needs NAME@ALIAS, got {ref!r}")
+    repo = ctx.open()
+    before = repo.aliases(name).get(alias)
+    v = repo.rollback(name, alias)
+    click.echo(f"{name}@{alias} -> {v.ref} (was {name}:{before})")
+
+
+@models.command("rm")
+@click.argument("refs", nargs=-1, required=True, metavar="NAME:VERSION...")
+@click.option("--force", is_flag=True, help="Delete even if an alias points at it.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def rm(ctx: _Ctx, refs: tuple[str, ...], force: bool, yes: bool) -> None:
+    """Delete versions (each NAME:VERSION or NAME@ALIAS; never a whole model)."""
+    for r in refs:
+        if ":" not in r and "@" not in r:
+            raise InputError(f"say which version of {r} to delete: {r}:N or {r}@ALIAS")
+    repo = ctx.open()
+    versions = [repo.get(r) for r in refs]  # resolve all first: fail before deleting any
+    if not yes:
+        click.confirm(f"delete {', '.join(v.ref for v in versions)}?", abort=True)
+    for v in versions:
+        repo.delete(v.ref, force=force)
+        click.echo(f"deleted {v.ref}")
+
+
+@models.command("verify")
+@click.argument("refs", nargs=-1, metavar="[REF]...")
+@click.option("--all", "all_versions", is_flag=True, help="Every version of the named models.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON reports.")
+@pass_ctx
+def verify(ctx: _Ctx, refs: tuple[str, ...], all_versions: bool, as_json: bool) -> None:
+    """Re-hash every tensor; exit 6 naming the tensor if anything is corrupt or truncated.
+
+    Without REF, verifies the latest version of every model (with --all: every version).
+    """
+    repo = ctx.open()
+    targets: list[str] = []
+    names = list(refs) if refs else repo.names()
+    for ref in names:
+        if all_versions:
+            targets += [v.ref for v in repo.versions(ref.split(":")[0].split("@")[0])]
+        else:
+            targets.append(repo.get(ref).ref if refs else repo.latest(ref).ref)
+    reports = [repo.verify(t) for t in targets]
+    if as_json:
+        _emit_json([r.to_dict() for r in reports])
+    else:
+        console = _console()
+        for r in reports:
+            style = "green" if r.ok else "bold red"
+            console.print(f"[{style}]{'OK ' if r.ok else 'BAD'}[/] {r.message}", highlight=False)
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise IntegrityError(f"{bad[0].message}{more}")
+
+
+@models.command("export")
+@click.argument("ref")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "torch", "hdf5"]),
+    default="safetensors",
+    show_default=True,
+)
+@click.option(
+    "--compression", type=click.Choice(["gzip", "lzf"]), help="For --format hdf5 (archives)."
+)
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+@pass_ctx
+def export(ctx: _Ctx, ref: str, path: str, fmt: str, compression: str | None, force: bool) -> None:
+    """Write REF to PATH as safetensors, a torch.save file, or an HDF5 archive."""
+    repo = ctx.open()
+    v = repo.get(ref)
+    out = repo.export(v.ref, path, fmt, compression=compression, overwrite=force)
+    click.echo(f"exported {v.ref} to {out} ({fmt})")
+
+
+@models.command("import")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("name")
+@click.option("--tag", "tags", multiple=True, help="Tag (repeatable).")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME=VALUE", help="Metric.")
+@click.option("--description", help="Free text.")
+@click.option("--recipe", metavar="JSON", help="How serving rebuilds the model (JSON).")
+@pass_ctx
+def import_cmd(
+    ctx: _Ctx,
+    path: str,
+    name: str,
+    tags: tuple[str, ...],
+    metrics: tuple[str, ...],
+    description: str | None,
+    recipe: str | None,
+) -> None:
+    """Import a torch (.pt), safetensors or exported HDF5 file as a new version of NAME."""
+    kwargs: dict[str, Any] = {}
+    if tags:
+        kwargs["tags"] = list(tags)
+    if metrics:
+        parsed = {}
+        for item in metrics:
+            key, sep, value = item.partition("=")
+            try:
+                parsed[key] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep or not key:
+                raise InputError(f"invalid --metric {item!r}: expected NAME=NUMBER")
+        kwargs["metrics"] = parsed
+    if description is not None:
+        kwargs["description"] = description
+    if recipe is not None:
+        try:
+            kwargs["recipe"] = json.loads(recipe)
+        except ValueError as exc:
+            raise InputError(f"--recipe is not valid JSON: {exc}") from None
+    repo = ctx.open(create=True)
+    v = repo.import_(path, name, **kwargs)
+    click.echo(f"imported {path} as {v.ref}")
+
+
+@models.command("gc")
+@click.option(
+    "--grace",
+    default="1h",
+    show_default=True,
+    help="Keep leftovers younger than this (writers on other nodes may still be busy).",
+)
+@click.option("--dry-run", is_flag=True, help="Only show what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def gc(ctx: _Ctx, grace: str, dry_run: bool, as_json: bool) -> None:
+    """Remove leftovers of crashed or interrupted saves and deletes."""
+    seconds = _parse_age(grace)
+    report = ctx.open().gc(grace_seconds=seconds, dry_run=dry_run)
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for path in report.removed:
+        click.echo(f"{verb} {path}")
+    click.echo(
+        f"{verb} {len(report.removed)} item(s), {_human_bytes(report.bytes_freed)}; "
+        f"{len(report.kept_in_progress)} in progress kept"
+    )
+
+
+def _parse_age(text: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhdw]?)\s*", text)
+    if not m:
+        raise InputError(f"invalid --grace {text!r}: expected e.g. 30m, 1h, 2d or seconds")
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+@models.command("aliases")
+@click.argument("ref", metavar="NAME[@ALIAS]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def aliases(ctx: _Ctx, ref: str, as_json: bool) -> None:
+    """Show the aliases of NAME, or the history of NAME@ALIAS."""
+    repo = ctx.open()
+    name, sep, alias = ref.partition("@")
+    if sep:
+        history = repo.alias_history(name, alias)
+        if as_json:
+            _emit_json(history)
+            return
+        table = Table(title=f"history of {ref}")
+        for col in ("at", "action", "version", "previous", "user", "host"):
+            table.add_column(col)
+        for e in history:
+            table.add_row(
+                str(e.get("at", ""))[:19],
+                str(e.get("action")),
+                str(e.get("version")),
+                str(e.get("previous") or "-"),
+                str(e.get("user")),
+                str(e.get("host")),
+            )
+        _console().print(table)
+        return
+    current = repo.aliases(name)
+    if as_json:
+        _emit_json(current)
+        return
+    table = Table(title=f"aliases of {name}")
+    table.add_column("alias")
+    table.add_column("version")
+    for a, n in sorted(current.items()):
+        table.add_row(a, f"{name}:{n}")
+    _console().print(table)

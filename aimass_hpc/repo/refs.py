@@ -1,0 +1,83 @@
+"""Model references (``name``, ``name:7``, ``name:latest``, ``name@prod``) and name rules.
+
+Names, aliases and shard keys become file names on a shared filesystem, so they are restricted
+to a portable character set: letters, digits, ``.``, ``_`` and ``-``, not starting with a dot
+or a dash (no hidden files, no option look-alikes), at most 128 characters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from aimass_hpc.errors import InputError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+LATEST = "latest"
+
+
+def check_name(value: str, what: str = "model name") -> str:
+    """Return ``value`` if it is a valid name for a model, alias or shard key, else raise."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise InputError(
+            f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-' "
+            "(not starting with '.' or '-', at most 128 characters)"
+        )
+    return value
+
+
+def check_alias(alias: str) -> str:
+    """Validate an alias name that may be *set* (``latest`` is computed, never stored)."""
+    check_name(alias, "alias")
+    if alias == LATEST:
+        raise InputError("alias 'latest' is reserved: it always means the newest version")
+    return alias
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed reference: exactly one of ``version`` / ``alias`` or neither (= latest)."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    @property
+    def is_latest(self) -> bool:
+        return self.version is None and self.alias in (None, LATEST)
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}:{self.version}"
+        if self.alias is not None:
+            return f"{self.name}@{self.alias}"
+        return self.name
+
+
+def parse_ref(ref: str | Ref) -> Ref:
+    """Parse ``name``, ``name:VERSION``, ``name:latest`` or ``name@ALIAS``.
+
+    >>> parse_ref("resnet:3")
+    Ref(name='resnet', version=3, alias=None)
+    """
+    if isinstance(ref, Ref):
+        return ref
+    if not isinstance(ref, str) or not ref:
+        raise InputError(f"invalid model reference {ref!r}: expected name, name:N or name@alias")
+    if "@" in ref:
+        name, _, alias = ref.partition("@")
+        check_name(name)
+        check_name(alias, "alias")
+        return Ref(name, alias=None if alias == LATEST else alias)
+    if ":" in ref:
+        name, _, version = ref.partition(":")
+        check_name(name)
+        if version == LATEST:
+            return Ref(name)
+        if not version.isdigit() or int(version) < 1:
+            raise InputError(
+                f"invalid version {version!r} in model reference {ref!r}: "
+                "expected a positive integer or 'latest'"
+            )
+        return Ref(name, version=int(version))
+    return Ref(check_name(ref))
