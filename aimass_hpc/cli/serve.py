@@ -1,0 +1,379 @@
+"""``aimass serve`` (start / upgrade / stop a service), ``aimass endpoints``, ``aimass bench``.
+
+The work is done by :mod:`aimass_hpc.serving` (login-node orchestration) and
+:mod:`aimass_hpc.serve` (the replicas, the client, the load generator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from aimass_hpc.errors import InputError
+
+site_option = click.option(
+    "--site", "site_ref", metavar="NAME|PATH", default=None, help="Site config ($AIMASS_SITE)."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout.")
+
+_COUNT = TextColumn("{task.completed}/{task.total}")
+_STATE_STYLE = {
+    "READY": "green",
+    "LOADING": "cyan",
+    "PENDING": "yellow",
+    "DRAINING": "magenta",
+    "FAILED": "red",
+    "STOPPED": "dim",
+}
+
+
+class _ServeGroup(click.Group):
+    """``aimass serve REF ...`` is ``aimass serve start REF ...``; subcommands stay reachable."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["start", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_ServeGroup)
+def serve() -> None:
+    """Serve a model from the repository as a long-running job: aimass serve NAME@ALIAS.
+
+    \b
+    aimass serve NAME@ALIAS|NAME:VERSION [options]   start a service (= serve start)
+    aimass serve upgrade NAME@ALIAS                  blue/green switch to the alias's target
+    aimass serve stop NAME@ALIAS|RUN_DIR             drain and stop every replica
+    """
+
+
+@serve.command("start")
+@click.argument("ref", metavar="NAME@ALIAS|NAME:VERSION")
+@site_option
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per replica."
+)
+@click.option(
+    "--cpus", type=click.IntRange(min=1), default=2, show_default=True, help="CPUs per replica."
+)
+@click.option("--reservation", help="Slurm reservation (default: the site's serving one).")
+@click.option("--partition", help="Partition (default: the site's serving partition).")
+@click.option("--time", "time_limit", help="Time limit per job; replicas hand over before it.")
+@click.option(
+    "--port",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    help="Port (default: a free one in the site's range).",
+)
+@click.option("--repo", help="Model repository (default: the site's).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True)
+@click.option("--no-batching", is_flag=True, help="Forward every request alone.")
+@click.option("--no-handover", is_flag=True, help="Let replicas end at the time limit.")
+@click.option("--wait/--no-wait", "wait_", default=False, help="Wait until every replica is READY.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="For --wait.")
+@click.option("--dry-run", is_flag=True, help="Check and print the job script; queue nothing.")
+@json_option
+def start(
+    ref: str,
+    site_ref: str | None,
+    replicas: int,
+    gpus: int,
+    cpus: int,
+    reservation: str | None,
+    partition: str | None,
+    time_limit: str | None,
+    port: int,
+    repo: str | None,
+    max_batch_size: int,
+    max_wait_ms: float,
+    no_batching: bool,
+    no_handover: bool,
+    wait_: bool,
+    timeout: float,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Start REF as a service: one job-array task per replica, each serving HTTP."""
+    from aimass_hpc.serving import ServeOptions, start_service
+    from aimass_hpc.site import load_site
+
+    site = load_site(site_ref)
+    opts = ServeOptions(
+        ref=ref, replicas=replicas, gpus=gpus, cpus=cpus, time=time_limit,
+        reservation=reservation, partition=partition, port=port, repo=repo,
+        max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batching=not no_batching,
+        handover=not no_handover,
+    )  # fmt: skip
+    sub = start_service(site, opts, dry_run=dry_run)
+    summary: dict[str, Any] = {**sub.to_dict(), "model": ref, "replicas": replicas}
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps({**summary, "script": sub.script}, indent=2))
+        else:
+            click.echo(sub.script, nl=False)
+        return
+    console = Console(stderr=as_json)
+    console.print(
+        f"[bold]submitted[/] service {ref}: job {sub.job_id}, {replicas} replica(s)\n"
+        f"run dir {sub.run_dir.path}"
+    )
+    if wait_:
+        ready = _wait_with_progress(site, sub.run_dir.path, replicas, timeout, console)
+        summary["endpoints"] = [r.url for r in ready]
+        for r in ready:
+            console.print(f"  replica {r.replica}: [green]READY[/] {r.url} (version {r.version})")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+
+
+def _wait_with_progress(site: Any, run_dir: Any, replicas: int, timeout: float, console: Console):
+    from aimass_hpc.serving import wait_ready
+
+    with Progress(
+        TextColumn("[bold]waiting for READY"), BarColumn(), _COUNT,
+        console=console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("ready", total=replicas)
+        return wait_ready(
+            site, run_dir, replicas, timeout=timeout,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )  # fmt: skip
+
+
+@serve.command("upgrade")
+@click.argument("ref", metavar="NAME@ALIAS")
+@site_option
+@click.option(
+    "--timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Longest wait for the new replicas.",
+)
+@click.option("--force", is_flag=True, help="Start new replicas even if the version is the same.")
+@json_option
+def upgrade_cmd(ref: str, site_ref: str | None, timeout: float, force: bool, as_json: bool) -> None:
+    """Blue/green: serve what NAME@ALIAS names now, then drain the old replicas.
+
+    New replicas start beside the old ones; only when every one is READY are the old ones
+    drained, so clients see no failed request. After `aimass models rollback` the same
+    command goes back to the previous version.
+    """
+    from aimass_hpc.serving import upgrade
+    from aimass_hpc.site import load_site
+
+    site = load_site(site_ref)
+    console = Console(stderr=as_json)
+    with Progress(
+        TextColumn("[bold]new replicas READY"), BarColumn(), _COUNT,
+        console=console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("ready", total=None)
+        result = upgrade(
+            site, ref, timeout=timeout, force=force,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    if result.new_job_id is None:
+        console.print(f"{ref} already serves version {result.new_version}; nothing to do")
+        return
+    console.print(
+        f"[bold]upgraded[/] {ref}: version {', '.join(result.old_versions) or '?'} -> "
+        f"{result.new_version} (job {result.new_job_id}); drained jobs "
+        f"{', '.join(result.stopped_jobs) or '-'}"
+    )
+
+
+@serve.command("stop")
+@click.argument("target", metavar="NAME@ALIAS|NAME|RUN_DIR")
+@site_option
+@click.option("--wait/--no-wait", "wait_", default=True, help="Wait until replicas have drained.")
+@json_option
+def stop(target: str, site_ref: str | None, wait_: bool, as_json: bool) -> None:
+    """Drain and stop every replica of a service (its jobs are cancelled; they drain first)."""
+    from pathlib import Path
+
+    from aimass_hpc.errors import NotFoundError
+    from aimass_hpc.serve.endpoints import read_records
+    from aimass_hpc.serving import list_endpoints, reconcile, stop_records, wait_stopped
+    from aimass_hpc.site import load_site
+
+    site = load_site(site_ref)
+    path = Path(target).expanduser()
+    if path.is_dir():
+        records = [r for r in reconcile(site, read_records(path)) if r.state not in _FINAL]
+    else:
+        records = list_endpoints(site, target)
+    if not records:
+        raise NotFoundError(f"no running replica of {target!r} under {site.runs_root}")
+    ids = stop_records(site, records)
+    if wait_:
+        with Console(stderr=True).status("draining"):
+            wait_stopped(records)
+    if as_json:
+        click.echo(json.dumps({"cancelled": ids}))
+    else:
+        click.echo(f"stopped {len(records)} replica(s): jobs {', '.join(ids) or '-'}")
+
+
+_FINAL = {"STOPPED", "FAILED"}
+
+
+@click.command()
+@click.argument("target", required=False, metavar="[NAME|NAME@ALIAS|NAME:VERSION]")
+@site_option
+@click.option("--all", "show_all", is_flag=True, help="Include stopped and failed replicas.")
+@click.option("--no-probe", is_flag=True, help="Do not ask each replica for /readyz.")
+@json_option
+def endpoints(
+    target: str | None, site_ref: str | None, show_all: bool, no_probe: bool, as_json: bool
+) -> None:
+    """List service replicas (from their endpoint records) with their health."""
+    from aimass_hpc.serving import list_endpoints, probe
+    from aimass_hpc.site import load_site
+
+    site = load_site(site_ref)
+    records = list_endpoints(site, target, include_final=show_all)
+    rows = []
+    for rec in records:
+        health = "-" if no_probe else probe(rec)
+        rows.append({**rec.to_dict(), "health": health})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo(f"no {'' if show_all else 'live '}endpoints under {site.runs_root}")
+        return
+    table = Table(title=f"endpoints under {site.runs_root}")
+    for col in ("model", "version", "replica", "state", "health", "url", "job", "node", "started"):
+        table.add_column(col)
+    for row in rows:
+        style = _STATE_STYLE.get(row["state"], "")
+        table.add_row(
+            row["model_ref"], str(row["version"] or "-"), str(row["replica"]),
+            f"[{style}]{row['state']}[/]" if style else row["state"], row["health"],
+            row["url"] or "-", row["job_id"], row["node"] or "-", row["started"][:19],
+        )  # fmt: skip
+    Console().print(table)
+
+
+@click.command()
+@click.argument("target", metavar="URL|NAME@ALIAS|NAME:VERSION")
+@site_option
+@click.option(
+    "--batch",
+    "batch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Samples per request.",
+)
+@click.option("--shape", help="Input shape of one sample, e.g. 3,32,32 (default: the model's).")
+@click.option("--dtype", default=None, help="Input dtype (default: the model's).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds of measurement (after 1 s of warm-up).",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["npy", "json"]), default="npy", show_default=True
+)
+@click.option("--token", help="Bearer token (URL targets; default $AIMASS_SERVE_TOKEN).")
+@json_option
+def bench(
+    target: str,
+    site_ref: str | None,
+    batch: int,
+    shape: str | None,
+    dtype: str | None,
+    concurrency: int,
+    duration: float,
+    fmt: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Load-test a service: throughput and latency percentiles under concurrent requests."""
+    import numpy as np
+
+    from aimass_hpc.serve.client import Client, encode_request
+    from aimass_hpc.serve.loadgen import run_load
+
+    runs_root = None
+    if not target.startswith(("http://", "https://")):
+        from aimass_hpc.site import load_site
+
+        runs_root = load_site(site_ref).runs_root
+    with Client(target, runs_root=runs_root, token=token, retry_timeout=10) as client:
+        live = client.endpoints()
+        if not live:
+            raise InputError(f"no live replica of {target!r}")
+        info = client.models()[0]
+        dims = _parse_shape(shape) if shape else info.get("input_shape")
+        if not dims or any(d is None or d < 1 for d in dims):
+            raise InputError(f"the model's input shape is {dims}; give --shape, e.g. 3,32,32")
+        x = np.random.default_rng(0).standard_normal((batch, *dims))
+        x = x.astype(dtype or info.get("input_dtype") or "float32")
+        first = client.predict(x, binary=fmt == "npy")  # fails loudly on a bad shape
+    body, headers = encode_request(x, binary=fmt == "npy")
+    heads = [{**headers, **ep.headers} for ep in live]
+    console = Console(stderr=as_json)
+    with Progress(
+        TextColumn("[bold]load"), BarColumn(), TextColumn("{task.fields[ok]} ok"),
+        TimeRemainingColumn(), console=console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("load", total=1.0, ok=0)
+        result = asyncio.run(
+            run_load(
+                [ep.url for ep in live], body, heads, concurrency=concurrency,
+                duration_s=duration, warmup_s=1.0, rows_per_request=batch,
+                progress=lambda frac, ok: bar.update(task, completed=frac, ok=ok),
+            )
+        )  # fmt: skip
+    report = {
+        "target": target,
+        "replicas": len(live),
+        "model": info.get("name"),
+        "version": info.get("version"),
+        "input_shape": [batch, *dims],
+        "output_shape": list(first.shape),
+        "format": fmt,
+        "concurrency": concurrency,
+        "seconds": round(result.seconds, 3),
+        "requests_ok": result.ok,
+        "requests_failed": result.failed,
+        "requests_per_s": round(result.requests_per_s, 1),
+        "samples_per_s": round(result.samples_per_s, 1),
+        **{f"p{q}_ms": round(result.percentile_ms(q), 2) for q in (50, 90, 99)},
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"aimass bench {target}", show_header=False)
+    for key, value in report.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+    if result.failed:
+        raise SystemExit(1)
+
+
+def _parse_shape(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        raise InputError(f"--shape {text!r}: give sizes like 3,32,32") from None
+    if not dims or any(d < 1 for d in dims):
+        raise InputError(f"--shape {text!r}: sizes must be positive")
+    return dims

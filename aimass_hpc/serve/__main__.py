@@ -1,0 +1,277 @@
+"""``python -m aimass_hpc.serve``: the entry point a serve job runs on its node.
+
+From the model repository::
+
+    python -m aimass_hpc.serve --run-dir RUN --model NAME@ALIAS --repo /path/to/repo
+
+or, without a repository, from a recipe file and a ``torch.save``-d state dict (tests,
+benchmarks, quick checks)::
+
+    python -m aimass_hpc.serve --run-dir RUN --recipe recipe.json [--weights w.pt] --name M
+
+Inside a serve job (``aimass serve`` renders ``job_templates/serve.j2``) no option is needed:
+command-line options win over the ``serve`` section of ``<run_dir>/spec.json`` (what the
+user asked ``aimass serve`` for), which wins over the job's environment::
+
+    AIMASS_RUN_DIR, AIMASS_SERVE_MODEL           run directory, model ref
+    AIMASS_NODE_ADDR, AIMASS_SERVE_BIND          address to bind (bind=any: all interfaces)
+    AIMASS_PORT_MIN, AIMASS_PORT_MAX             the site's port range
+    AIMASS_PREEMPT_SIGNAL, AIMASS_MAX_RESTARTS   warning signal, crash restarts
+
+With ``restarts`` > 0 this process supervises the replica: a replica that crashes (exits
+non-zero without being told to stop) is started again, at most ``restarts`` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aimass_hpc.errors import AimassError
+
+DEFAULTS: dict[str, Any] = {
+    "host": "auto",
+    "port": 0,
+    "port_range": None,
+    "device": "auto",
+    "max_batch_size": 64,
+    "max_wait_ms": 2.0,
+    "batching": True,
+    "max_body_bytes": 64 * 1024 * 1024,
+    "max_queue": 4096,
+    "drain_grace_s": 3.0,
+    "drain_timeout_s": 30.0,
+    "threads": None,
+    "log_level": "warning",
+    "handover": False,
+    "restarts": 0,
+    "warning_signal": "USR1",
+    "switch_interval_ms": None,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m aimass_hpc.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run-dir", type=Path, help="the service's run directory ($AIMASS_RUN_DIR)")
+    p.add_argument("--model", help="model ref: NAME, NAME:VERSION or NAME@ALIAS")
+    p.add_argument("--repo", help="model repository path")
+    p.add_argument("--recipe", type=Path, help="recipe JSON file (serve without a repository)")
+    p.add_argument("--weights", type=Path, help="state dict saved with torch.save (with --recipe)")
+    p.add_argument("--name", help="model name to report (with --recipe; else from --model)")
+    p.add_argument("--version", dest="model_version", help="version to report (with --recipe)")
+    p.add_argument("--host", help="address to bind; 'auto' = this node's cluster address")
+    p.add_argument("--port", type=int, help="port to bind; 0 = any free port")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-batch-size", type=int, help="rows per forward and per request")
+    p.add_argument("--max-wait-ms", type=float, help="longest wait to fill a batch")
+    p.add_argument(
+        "--no-batching",
+        dest="batching",
+        action="store_const",
+        const=False,
+        help="forward every request alone",
+    )
+    p.add_argument("--max-body-bytes", type=int, help="largest request body")
+    p.add_argument("--max-queue", type=int, help="queued requests before 503")
+    p.add_argument("--drain-grace-s", type=float, help="answer this long after DRAINING")
+    p.add_argument("--drain-timeout-s", type=float, help="longest wait for in-flight requests")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        help="Python's GIL switch interval (default: Python's, 5 ms)",
+    )
+    p.add_argument("--replica", type=int, help="replica index (default: the array task id)")
+    p.add_argument("--job-id", help="job id (default: from Slurm's environment)")
+    p.add_argument(
+        "--handover",
+        action="store_const",
+        const=True,
+        help="on the warning signal submit a replacement job and drain once it is READY",
+    )
+    p.add_argument("--restarts", type=int, help="restart a crashed replica up to N times")
+    p.add_argument("--log-level", help="debug, info, warning, error")
+    return p.parse_args(argv)
+
+
+def _spec_options(run_dir: Path) -> dict[str, Any]:
+    """``spec.serve`` of ``<run_dir>/spec.json`` (written by ``aimass serve``), if any."""
+    path = run_dir / "spec.json"
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    spec = doc.get("spec") if isinstance(doc, dict) else None
+    section = spec.get("serve") if isinstance(spec, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
+def _env_options(env: dict[str, str]) -> dict[str, Any]:
+    """What the serve job's environment (job_templates/serve.j2) says."""
+    out: dict[str, Any] = {}
+    if env.get("AIMASS_SERVE_MODEL"):
+        out["model"] = env["AIMASS_SERVE_MODEL"]
+    if env.get("AIMASS_SERVE_BIND") == "any":
+        out["host"] = "0.0.0.0"
+    elif env.get("AIMASS_NODE_ADDR"):
+        out["host"] = env["AIMASS_NODE_ADDR"]
+    if env.get("AIMASS_PORT_MIN") and env.get("AIMASS_PORT_MAX"):
+        out["port_range"] = (int(env["AIMASS_PORT_MIN"]), int(env["AIMASS_PORT_MAX"]))
+    if env.get("AIMASS_PREEMPT_SIGNAL"):
+        out["warning_signal"] = env["AIMASS_PREEMPT_SIGNAL"]
+    if env.get("AIMASS_MAX_RESTARTS", "").isdigit():
+        out["restarts"] = int(env["AIMASS_MAX_RESTARTS"])
+    return out
+
+
+def resolve_options(args: argparse.Namespace, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Command line over spec.json over the job environment over defaults."""
+    env = dict(os.environ) if env is None else env
+    run_dir = args.run_dir or (Path(env["AIMASS_RUN_DIR"]) if env.get("AIMASS_RUN_DIR") else None)
+    if run_dir is None:
+        raise SystemExit("python -m aimass_hpc.serve: give --run-dir (or set AIMASS_RUN_DIR)")
+    out = dict(DEFAULTS)
+    out.update(_env_options(env))
+    out.update({k: v for k, v in _spec_options(run_dir).items() if v is not None})
+    out.update({k: v for k, v in vars(args).items() if v is not None})
+    out["run_dir"] = run_dir
+    return out
+
+
+def make_loader(opts: dict[str, Any]) -> tuple[str, Callable[[], Any]]:
+    """(model ref, a function that loads the model) from the resolved options."""
+    from aimass_hpc.errors import InputError
+    from aimass_hpc.serve import model_loader
+
+    device = opts["device"]
+    if opts.get("recipe"):
+        recipe = json.loads(Path(opts["recipe"]).read_text(encoding="utf-8"))
+        model = opts.get("model")
+        name = opts.get("name") or (model and model.split("@")[0].split(":")[0])
+        name = name or Path(opts["recipe"]).stem
+        version = opts.get("model_version")
+        ref = model or (name if version is None else f"{name}:{version}")
+
+        def load_files() -> Any:
+            return model_loader.load_from_files(
+                recipe, opts.get("weights"), name=name, version=version, device=device
+            )
+
+        return ref, load_files
+    if not opts.get("model") or not opts.get("repo"):
+        raise InputError("give --model and --repo (or --recipe)")
+    ref, repo = opts["model"], opts["repo"]
+    return ref, lambda: model_loader.load_from_repository(repo, ref, device=device)
+
+
+def supervise(argv: list[str], restarts: int) -> int:
+    """Run the replica as a child; restart it after a crash, at most ``restarts`` times.
+
+    Signals are passed on to the child. A child that exits 0 (drained), or any exit after
+    this process was told to stop, ends the supervision.
+    """
+    stop = {"asked": False}
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stop["asked"] = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, forward)
+    attempt = 0
+    while True:
+        argv_child = [sys.executable, "-m", "aimass_hpc.serve", *argv, "--restarts", "0"]
+        child = subprocess.Popen(argv_child)
+        rc = child.wait()
+        if rc < 0:
+            rc = 128 - rc  # killed by a signal: the shell's convention
+        if rc == 0 or stop["asked"] or attempt >= restarts:
+            return rc
+        attempt += 1
+        print(
+            f"aimass serve: replica exited with {rc}; restart {attempt} of {restarts}",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(min(2.0 * attempt, 10.0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one replica until it is drained; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    opts = resolve_options(args)
+    if int(opts["restarts"]) > 0:
+        return supervise(argv, int(opts["restarts"]))
+    logging.basicConfig(
+        level=getattr(logging, str(opts["log_level"]).upper(), logging.WARNING),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if opts["switch_interval_ms"]:
+        # The forward thread takes the GIL back between torch ops; a busy event loop can make
+        # it wait up to one switch interval each time. No clear gain measured on 2 shared
+        # cores, so Python's default stays unless asked.
+        sys.setswitchinterval(float(opts["switch_interval_ms"]) / 1000.0)
+    if opts["threads"]:
+        import torch
+
+        torch.set_num_threads(int(opts["threads"]))
+    from aimass_hpc.serve.app import ServeConfig
+    from aimass_hpc.serve.server import ReplicaOptions, run_replica
+
+    run_dir = Path(opts["run_dir"]).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ref, loader = make_loader(opts)
+    except AimassError as exc:
+        print(f"aimass serve: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    port_range = opts.get("port_range")
+    replica_opts = ReplicaOptions(
+        run_dir=run_dir,
+        model_ref=ref,
+        host=str(opts["host"]),
+        port=int(opts["port"]),
+        port_range=tuple(port_range) if port_range else None,  # type: ignore[arg-type]
+        warning_signal=str(opts["warning_signal"]),
+        config=ServeConfig(
+            max_batch_size=int(opts["max_batch_size"]),
+            max_wait_ms=float(opts["max_wait_ms"]),
+            batching=bool(opts["batching"]),
+            max_body_bytes=int(opts["max_body_bytes"]),
+            max_queue=int(opts["max_queue"]),
+        ),
+        job_id=opts.get("job_id"),
+        replica=opts.get("replica"),
+        drain_grace_s=float(opts["drain_grace_s"]),
+        drain_timeout_s=float(opts["drain_timeout_s"]),
+        log_level=str(opts["log_level"]),
+    )
+    on_warning = None
+    if opts["handover"]:
+        from aimass_hpc.serve.handover import handover_on_warning
+
+        on_warning = handover_on_warning
+    return run_replica(replica_opts, loader, on_warning)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

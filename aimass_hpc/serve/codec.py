@@ -1,0 +1,270 @@
+"""Tensor wire formats for the predict API: JSON nested lists and binary ``.npy``.
+
+Everything a client sends passes through here before it reaches the model. Every way a body
+can be wrong (not JSON, ragged lists, strings, a lying ``.npy`` header, a wrong shape or dtype,
+too many rows) becomes a :class:`BadInput` with an HTTP status and a one-line message; nothing
+here may raise anything else for bad input, so the service answers 4xx instead of crashing.
+
+``.npy`` headers are parsed by hand and the payload length is checked against the header
+*before* anything is allocated, so a 100-byte body that claims a terabyte array costs nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+JSON_MEDIA_TYPE = "application/json"
+NPY_MEDIA_TYPE = "application/x-npy"
+# Media types accepted as a binary .npy body.
+NPY_MEDIA_TYPES = frozenset({NPY_MEDIA_TYPE, "application/octet-stream"})
+
+# Numeric dtypes a request may name or carry; anything else (object, str, complex) is refused.
+ALLOWED_DTYPES = frozenset(
+    {
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    }
+)
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class BadInput(Exception):
+    """A request body the service refuses: ``status`` is the HTTP code, ``str()`` the reason."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one sample looks like: ``shape`` without the batch axis (None = any size).
+
+    ``shape`` None means the recipe did not say and nothing could be inferred: any batch is
+    passed to the model, and the model's own complaint becomes the 422.
+    """
+
+    shape: tuple[int | None, ...] | None
+    dtype: np.dtype
+
+    def describe(self) -> str:
+        """The expected batch shape as text, e.g. ``[N, 3, 32, 32] float32``."""
+        if self.shape is None:
+            return f"[N, ...] {self.dtype.name}"
+        dims = ", ".join("*" if d is None else str(d) for d in self.shape)
+        return f"[N{', ' if dims else ''}{dims}] {self.dtype.name}"
+
+    def example(self, rows: int = 1) -> np.ndarray | None:
+        """A zero batch of ``rows`` samples (wildcard dims take size 1): the warm-up input."""
+        if self.shape is None:
+            return None
+        return np.zeros((rows, *(1 if d is None else d for d in self.shape)), dtype=self.dtype)
+
+
+def _dtype_from_name(name: Any, where: str) -> np.dtype:
+    if not isinstance(name, str) or name not in ALLOWED_DTYPES:
+        raise BadInput(f"{where}: unsupported dtype {name!r}; use one of {sorted(ALLOWED_DTYPES)}")
+    return np.dtype(name)
+
+
+def decode_json(body: bytes) -> np.ndarray:
+    """Parse ``{"inputs": [[...], ...], "dtype": "float32"?}`` into an array."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"body is not valid JSON: {exc}", 400) from None
+    except RecursionError:
+        raise BadInput("body is not valid JSON: nested too deeply", 400) from None
+    if not isinstance(doc, dict) or "inputs" not in doc:
+        raise BadInput('JSON body must be an object with an "inputs" field')
+    extra = set(doc) - {"inputs", "dtype"}
+    if extra:
+        raise BadInput(f"unknown field(s) in JSON body: {sorted(extra)}")
+    inputs = doc["inputs"]
+    if not isinstance(inputs, list):
+        raise BadInput('"inputs" must be a (nested) list of numbers')
+    dtype = _dtype_from_name(doc["dtype"], '"dtype"') if doc.get("dtype") is not None else None
+    try:
+        arr = np.asarray(inputs)
+    except (ValueError, TypeError, RecursionError, OverflowError):
+        raise BadInput('"inputs" must be a rectangular nested list of numbers') from None
+    if arr.dtype.kind not in "biuf":
+        # object (ragged / None), str, bytes: nothing a model can take.
+        raise BadInput('"inputs" must be a rectangular nested list of numbers')
+    if dtype is not None:
+        if not np.can_cast(arr.dtype, dtype, casting="same_kind") and arr.size:
+            raise BadInput(f'"inputs" hold {arr.dtype.name} values, not {dtype.name}')
+        try:
+            with np.errstate(over="raise", invalid="raise"):
+                arr = arr.astype(dtype, copy=False)
+        except (OverflowError, FloatingPointError, ValueError):
+            raise BadInput(f'"inputs" values do not fit dtype {dtype.name}') from None
+    return arr
+
+
+def decode_npy(body: bytes) -> np.ndarray:
+    """Parse a ``.npy`` body without trusting its header; the result may be read-only."""
+    if not body.startswith(_NPY_MAGIC) or len(body) < 10:
+        raise BadInput("body is not a .npy array (bad magic)", 400)
+    major = body[6]
+    if major == 1:
+        hlen = int.from_bytes(body[8:10], "little")
+        start = 10
+    elif major in (2, 3):
+        if len(body) < 12:
+            raise BadInput("body is not a .npy array (truncated header)", 400)
+        hlen = int.from_bytes(body[8:12], "little")
+        start = 12
+    else:
+        raise BadInput(f"unsupported .npy format version {major}", 400)
+    if hlen > 65536 or start + hlen > len(body):
+        raise BadInput("body is not a .npy array (truncated header)", 400)
+    shape, dtype, fortran = _npy_header(bytes(body[start : start + hlen]))
+    count = 1
+    for d in shape:
+        count *= d
+    payload = memoryview(body)[start + hlen :]
+    if count * dtype.itemsize != len(payload):
+        raise BadInput(
+            f".npy payload is {len(payload)} bytes, header {shape} {dtype.name} needs "
+            f"{count * dtype.itemsize}",
+            400,
+        )
+    arr = np.frombuffer(payload, dtype=dtype, count=count)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(text: bytes) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """(shape, dtype, fortran order) of a .npy header; cached, clients repeat their shapes."""
+    try:
+        header = ast.literal_eval(text.decode("latin1"))
+    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+        raise BadInput("body is not a .npy array (unreadable header)", 400) from None
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise BadInput("body is not a .npy array (bad header keys)", 400)
+    shape = header["shape"]
+    if not isinstance(shape, tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise BadInput(".npy header has an invalid shape", 400)
+    try:
+        dtype = np.dtype(header["descr"])
+    except (TypeError, ValueError):
+        raise BadInput(f".npy header has an invalid dtype {header['descr']!r}", 400) from None
+    if dtype.name not in ALLOWED_DTYPES or dtype.hasobject:
+        raise BadInput(f"unsupported dtype {dtype.str!r} in .npy body")
+    return shape, dtype, header["fortran_order"] is True
+
+
+def check_batch(arr: np.ndarray, spec: InputSpec, max_rows: int) -> np.ndarray:
+    """Check a decoded batch against the model's input spec; returns it in the model dtype."""
+    want = spec.describe()
+    if spec.shape is None:
+        if arr.ndim < 1:
+            raise BadInput(f"inputs have shape {list(arr.shape)}, expected {want}")
+    elif arr.ndim != len(spec.shape) + 1:
+        raise BadInput(f"inputs have shape {list(arr.shape)}, expected {want}")
+    else:
+        for axis, (got, exp) in enumerate(zip(arr.shape[1:], spec.shape, strict=True), start=1):
+            if exp is not None and got != exp:
+                raise BadInput(
+                    f"inputs have shape {list(arr.shape)}, expected {want} (axis {axis} is {got})"
+                )
+    rows = arr.shape[0]
+    if rows == 0:
+        raise BadInput("inputs hold no samples (batch axis is 0)")
+    if rows > max_rows:
+        raise BadInput(f"{rows} samples in one request, the limit is {max_rows}", 413)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise BadInput("inputs contain NaN or infinity")
+    if arr.dtype != spec.dtype:
+        if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+            raise BadInput(f"inputs are {arr.dtype.name}, the model takes {spec.dtype.name}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = arr.astype(spec.dtype)
+        if spec.dtype.kind == "f" and not np.isfinite(cast).all():
+            raise BadInput(f"input values are out of the {spec.dtype.name} range")
+        if spec.dtype.kind in "iu" and not np.array_equal(cast, arr):
+            raise BadInput(f"input values are out of the {spec.dtype.name} range")
+        arr = cast
+    return np.ascontiguousarray(arr)
+
+
+def encode_json(outputs: np.ndarray, meta: dict[str, Any]) -> bytes:
+    """The JSON predict response: outputs as nested lists plus their shape and dtype."""
+    doc = {"outputs": outputs.tolist(), "shape": list(outputs.shape), "dtype": outputs.dtype.name}
+    doc.update(meta)
+    # A model may overflow to inf/NaN on finite inputs: written as the NaN/Infinity tokens
+    # Python's and JavaScript's parsers accept (the .npy format carries them exactly).
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    """An array as ``.npy`` bytes (the binary predict format, both directions)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def media_type_of(content_type: str | None) -> str:
+    """The bare media type of a Content-Type header (``application/json; charset=x`` -> ...)."""
+    if not content_type:
+        return JSON_MEDIA_TYPE
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def wants_npy(accept: str | None, request_media: str) -> bool:
+    """Answer in .npy when asked for it, or when the request was .npy and JSON was not asked."""
+    accept = (accept or "").lower()
+    if NPY_MEDIA_TYPE in accept:
+        return True
+    if JSON_MEDIA_TYPE in accept:
+        return False
+    return request_media in NPY_MEDIA_TYPES
+
+
+def json_schema_for(spec: InputSpec, max_rows: int) -> dict[str, Any]:
+    """JSON schema of ``inputs`` for this model: nested arrays of the exact sizes."""
+    item: dict[str, Any] = {"type": "integer" if spec.dtype.kind in "biu" else "number"}
+    if spec.shape is None:
+        return {"type": "array", "minItems": 1, "maxItems": max_rows}
+    for d in reversed(spec.shape):
+        item = {"type": "array", "items": item}
+        if d is not None:
+            item |= {"minItems": d, "maxItems": d}
+    return {"type": "array", "items": item, "minItems": 1, "maxItems": max_rows}
+
+
+def shape_of(value: Sequence[int | None] | None) -> tuple[int | None, ...]:
+    """Normalise a recipe's ``input_shape`` (``-1``/``None`` mean any size)."""
+    if value is None:
+        raise ValueError("input_shape is missing")
+    out: list[int | None] = []
+    for d in value:
+        if d is None or d == -1:
+            out.append(None)
+        elif isinstance(d, int) and not isinstance(d, bool) and d > 0:
+            out.append(d)
+        else:
+            raise ValueError(f"input_shape entry {d!r} is not a positive int, -1 or null")
+    return tuple(out)

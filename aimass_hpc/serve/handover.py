@@ -1,0 +1,106 @@
+"""Time-limit handover: a replica replaces itself before its job ends.
+
+The serve job asks Slurm for the site's warning signal ``GRACE`` seconds before the time
+limit (``#SBATCH --signal``). On it the replica
+
+1. submits its own job script again (``sbatch --array=TASK job.sh`` from the run directory:
+   same model, options and run directory; only this replica's array task),
+2. writes a PENDING endpoint record for the replacement (so ``aimass serve stop`` finds it
+   even before it starts),
+3. keeps serving until the replacement's record says READY (or the grace time is nearly
+   spent), and only then drains.
+
+Clients therefore always have a READY replica to go to, and the endpoint never disappears.
+This runs on the compute node, so it calls ``sbatch`` directly (runtime code imports nothing
+from the login-node side); the replacement chain continues as long as the service does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+from aimass_hpc.serve.endpoints import EndpointRecord, EndpointState, read_records, write_record
+
+if TYPE_CHECKING:
+    from aimass_hpc.serve.server import Replica
+
+log = logging.getLogger("aimass.serve")
+
+# Seconds kept back from the grace period for the drain itself.
+DRAIN_RESERVE_S = 8.0
+
+
+def submission_env() -> dict[str, str]:
+    """Our environment minus this job's SLURM_/SBATCH_ settings (SLURM_CONF kept).
+
+    sbatch inside a job would otherwise copy the running allocation's settings into the new
+    job.
+    """
+    env = dict(os.environ)
+    for key in list(env):
+        if key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and key != "SLURM_CONF":
+            del env[key]
+    return env
+
+
+def submit_replacement(run_dir: str, array_task: str | None) -> str:
+    """Queue the run directory's ``job.sh`` again; returns the job ref (``ID`` or ``ID_TASK``)."""
+    argv = ["sbatch", "--parsable"]
+    if array_task is not None:
+        argv.append(f"--array={array_task}")
+    argv.append(os.path.join(run_dir, "job.sh"))
+    proc = subprocess.run(
+        argv, cwd=run_dir, env=submission_env(), capture_output=True, text=True, timeout=120
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"sbatch refused the replacement: {proc.stderr.strip()[:300]}")
+    job_id = proc.stdout.strip().splitlines()[-1].split(";")[0].strip()
+    if not job_id.isdigit():
+        raise RuntimeError(f"sbatch printed no job id: {proc.stdout.strip()!r}")
+    return f"{job_id}_{array_task}" if array_task is not None else job_id
+
+
+async def handover_on_warning(replica: Replica) -> None:
+    """Submit a replacement for ``replica`` and return once it is READY (or time is up)."""
+    rec = replica.record
+    grace = float(os.environ.get("AIMASS_GRACE_SECONDS", "120") or 120)
+    deadline = time.monotonic() + max(grace - replica.opts.drain_grace_s - DRAIN_RESERVE_S, 5.0)
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    try:
+        new_ref = await asyncio.to_thread(submit_replacement, rec.run_dir, task)
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        log.error("handover: %s", exc)
+        write_record(rec, message=f"handover failed: {exc}")
+        return
+    log.warning("handover: replacement job %s submitted for %s", new_ref, rec.key)
+    write_record(
+        EndpointRecord(
+            model_ref=rec.model_ref,
+            model_name=rec.model_name,
+            version=None,
+            state=EndpointState.PENDING,
+            job_id=new_ref,
+            replica=rec.replica,
+            run_dir=rec.run_dir,
+            token_file=rec.token_file,
+            message=f"replaces {rec.job_id}",
+        )
+    )
+    write_record(rec, message=f"handing over to {new_ref}")
+    while time.monotonic() < deadline:
+        for other in read_records(rec.run_dir):
+            if other.job_id != new_ref or other.replica != rec.replica:
+                continue
+            if other.state == EndpointState.READY:
+                log.warning("handover: %s is READY; draining %s", new_ref, rec.key)
+                return
+            if other.state == EndpointState.FAILED:
+                log.error("handover: replacement %s failed: %s", new_ref, other.message)
+                return
+        await asyncio.sleep(0.5)
+    log.error("handover: %s not READY in time; draining anyway", new_ref)
