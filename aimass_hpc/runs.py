@@ -212,18 +212,27 @@ def find_run(ref: str, root: str | os.PathLike[str]) -> RunDir:
     if as_path.is_dir() and (as_path / "state.json").exists():
         return RunDir(as_path.resolve())
     if _JOB_ID_RE.match(ref):
-        index = Path(root) / INDEX_DIR
-        for key in (ref, ref.split("_", 1)[0]):
-            entry = index / key
-            if entry.is_file():
-                run = RunDir(Path(root) / entry.read_text(encoding="utf-8").strip())
-                if run.exists():
-                    return run
+        # Search trials keep their own index inside their search directory.
+        for base in (Path(root), *sorted(Path(root).glob("searches/*/trials"), reverse=True)):
+            run = _indexed_run(base, ref)
+            if run is not None:
+                return run
         raise NotFoundError(f"no run directory for job {ref} under {root}")
     candidate = Path(root) / ref
     if candidate.is_dir() and (candidate / "state.json").exists():
         return RunDir(candidate)
     raise NotFoundError(f"no run directory {ref!r} (give a job id or a run directory path)")
+
+
+def _indexed_run(base: Path, ref: str) -> RunDir | None:
+    """The run recorded for job ``ref`` (or its array parent) in ``base``'s index, if any."""
+    for key in (ref, ref.split("_", 1)[0]):
+        entry = base / INDEX_DIR / key
+        if entry.is_file():
+            run = RunDir(base / entry.read_text(encoding="utf-8").strip())
+            if run.exists():
+                return run
+    return None
 
 
 def list_runs(root: str | os.PathLike[str], limit: int | None = 20) -> list[RunDir]:

@@ -186,3 +186,12 @@ def test_last_finds_the_newest_run(local_site):  # noqa: F811
 def test_wait_on_an_id_nobody_knows_does_not_hang(local_site):  # noqa: F811
     with pytest.raises(NotFoundError, match="unknown job id.*5555"):
         get_scheduler(local_site).wait(["5555"], timeout=30, poll=0.05)
+
+
+def test_find_run_finds_search_trials_by_job_id(tmp_path):
+    trials = tmp_path / "searches" / "20261201-s-abc" / "trials"
+    run = RunDir.create(trials, "trial-3")
+    index_job(trials, "4242", run)
+    assert find_run("4242", tmp_path).path == run.path
+    with pytest.raises(NotFoundError, match="4243"):
+        find_run("4243", tmp_path)
