@@ -1,0 +1,158 @@
+"""``aimass train`` (submit a data-parallel training job) and ``aimass plot`` (its curves)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from aimass_hpc.errors import InputError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+@click.command()
+@click.argument("spec_path", metavar="SPEC.toml", type=click.Path(dir_okay=False))
+@click.option("--site", "site_ref", help="site name or path (default $AIMASS_SITE)")
+@click.option("--nodes", type=click.IntRange(min=1), help="override job.nodes")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), help="override job.gpus_per_node")
+@click.option("--tasks-per-node", type=click.IntRange(min=1), help="override job.tasks_per_node")
+@click.option(
+    "--backend",
+    type=click.Choice(["horovod", "torch"]),
+    help="override the spec's / site's training backend",
+)
+@click.option("--time", "time_limit", help="override job.time (Slurm syntax)")
+@click.option("--dry-run", is_flag=True, help="check and print the job script; queue nothing")
+@click.option("--wait", is_flag=True, help="wait until the job ends (restarts included)")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def train(
+    spec_path: str,
+    site_ref: str | None,
+    nodes: int | None,
+    gpus_per_node: int | None,
+    tasks_per_node: int | None,
+    backend: str | None,
+    time_limit: str | None,
+    dry_run: bool,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Train the task or script of SPEC.toml as a batch job on the cluster.
+
+    Checks everything that can be checked on the login node first (task reference, backend,
+    GPUs per node, Horovod installed); nothing is queued when a check fails.
+    """
+    from aimass_hpc.site import load_site
+    from aimass_hpc.submission import submit
+    from aimass_hpc.train_spec import load_train_spec, plan_training
+
+    overrides: dict[str, Any] = {
+        "job.nodes": nodes,
+        "job.gpus_per_node": gpus_per_node,
+        "job.tasks_per_node": tasks_per_node,
+        "job.time": time_limit,
+        "backend": backend,
+    }
+    if gpus_per_node and tasks_per_node is None:
+        overrides["job.tasks_per_node"] = gpus_per_node  # one task per GPU
+    spec = load_train_spec(spec_path, overrides)
+    site = load_site(site_ref)
+    plan = plan_training(spec, site)
+    repository = Path(plan.config.repository or "")
+    if not dry_run and plan.config.repository and not repository.is_dir():
+        # Create the repository here, once: a bad path fails before queueing, and the ranks
+        # of many jobs never race to create it. (Skipped when it exists: h5py is slow to load.)
+        from aimass_hpc.repo import ModelRepository
+
+        ModelRepository(repository)
+    sub = submit(
+        site,
+        plan.request,
+        spec={"train": plan.config.to_dict()},
+        files=plan.files(),
+        dry_run=dry_run,
+    )
+    summary = {
+        **sub.to_dict(),
+        "backend": plan.config.backend,
+        "world_size": plan.request.nodes * plan.request.ntasks_per_node,
+        "model": plan.config.model_name,
+        "repository": plan.config.repository,
+    }
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps({**summary, "script": sub.script}, indent=2))
+        else:
+            click.echo(sub.script, nl=False)
+        return
+    from rich.console import Console  # only when printing: it is slow to import
+
+    console = Console(stderr=as_json)
+    if not as_json:
+        console.print(
+            f"[bold]submitted[/] job {sub.job_id}: {summary['world_size']} ranks, "
+            f"backend {summary['backend']}, model {summary['model']}\n"
+            f"run dir {sub.run_dir.path}"
+        )
+    if wait:
+        summary.update(_wait(site, sub.job_id, sub.run_dir.path, console))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+    if wait and summary.get("state") != "COMPLETED":
+        raise SystemExit(1)
+
+
+def _wait(site: Any, job_id: str | None, run_dir: Path, console: Console) -> dict[str, Any]:
+    """Wait for the job (through requeues), then report its result.json."""
+    from aimass_hpc.fsutil import read_json
+    from aimass_hpc.scheduler import get_scheduler
+
+    assert job_id is not None
+    with console.status(f"waiting for job {job_id}"):
+        final = get_scheduler(site).wait([job_id])[job_id]
+    out: dict[str, Any] = {"state": final.state.value, "restarts": final.restart_count}
+    try:
+        out["result"] = read_json(run_dir / "result.json")
+    except FileNotFoundError:
+        out["result"] = None
+    if not console.stderr:
+        console.print(
+            f"job {job_id} ended {final.state.value} after {final.restart_count} restarts"
+        )
+        if out["result"]:
+            res = out["result"]
+            metrics = ", ".join(f"{k}={v:.4g}" for k, v in (res.get("metrics") or {}).items())
+            console.print(f"final model {res.get('final_ref')}: {metrics}")
+    return out
+
+
+@click.command()
+@click.argument("run")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="PNG path")
+@click.option("--site", "site_ref", help="site whose runs root holds RUN (for job ids)")
+def plot(run: str, output: str | None, site_ref: str | None) -> None:
+    """Draw the loss and metric curves of RUN (a run directory or a job id) to a PNG."""
+    from aimass_hpc.runtime.metrics import read_metrics
+    from aimass_hpc.runtime.plot import plot_metrics
+
+    run_dir = _find_run_dir(run, site_ref)
+    records = read_metrics(run_dir)
+    if not records:
+        raise InputError(f"run {run}: no metrics yet ({run_dir / 'metrics.jsonl'} is empty)")
+    target = Path(output) if output else run_dir / "metrics.png"
+    plot_metrics(records, target, title=run_dir.name)
+    click.echo(str(target))
+
+
+def _find_run_dir(run: str, site_ref: str | None) -> Path:
+    path = Path(run).expanduser()
+    if path.is_dir():
+        return path
+    from aimass_hpc.runs import find_run
+    from aimass_hpc.site import load_site
+
+    return find_run(run, load_site(site_ref).runs_root).path

@@ -1,0 +1,169 @@
+"""Checkpoints of a run: saved into the model repository, found again after a restart.
+
+A checkpoint is a repository version of the run's model whose ``extra`` holds everything
+beyond weights and optimizer that resume needs (scheduler, step, sampler position, every
+rank's RNG states). After each successful save rank 0 appends the version's ref to
+``<run_dir>/checkpoints.jsonl``; a requeued job resumes from that file's last entry, so it
+always picks the newest checkpoint of *its own* run, never another run's version of the same
+model.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aimass_hpc import fsutil
+
+INDEX_FILE = "checkpoints.jsonl"
+
+
+@dataclass
+class TrainState:
+    """One checkpoint: weights, optimizer state and the trainer's own state in ``extra``."""
+
+    model: dict[str, Any]
+    optimizer: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    ref: str | None = None
+
+    @property
+    def step(self) -> int:
+        return int(self.extra.get("step", 0))
+
+
+@dataclass
+class SaveInfo:
+    """Lineage and description attached to a saved version."""
+
+    kind: str = "checkpoint"  # or "final"
+    metrics: dict[str, float] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+
+
+class CheckpointStore(ABC):
+    """Where a run's checkpoints go. Only rank 0 calls :meth:`save`."""
+
+    def __init__(self, run_dir: str | Path | None) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+
+    @abstractmethod
+    def _save(self, state: TrainState, info: SaveInfo, parent: str | None) -> str:
+        """Persist ``state`` and return its ref."""
+
+    @abstractmethod
+    def load(self, ref: str) -> TrainState:
+        """Read the checkpoint ``ref``."""
+
+    def save(self, state: TrainState, info: SaveInfo) -> str:
+        """Save ``state`` as a new version whose parent is this run's previous checkpoint.
+
+        A final model (``info.kind == "final"``) holds only weights; its parent is the last
+        checkpoint, which holds everything needed to continue training from it.
+        """
+        parent = self.latest_ref()
+        ref = self._save(state, info, parent)
+        self._record(ref, int(info.run.get("step", state.step)), info.kind, parent)
+        return ref
+
+    def history(self) -> list[dict[str, Any]]:
+        """This run's saved checkpoints, oldest first."""
+        if self.run_dir is None:
+            return self._memory_index
+        return fsutil.read_json_lines(self.run_dir / INDEX_FILE)
+
+    def latest_ref(self, kind: str = "checkpoint") -> str | None:
+        """Ref of this run's newest version of ``kind`` ("checkpoint" or "final"), if any."""
+        for entry in reversed(self.history()):
+            if entry.get("kind") == kind:
+                return entry["ref"]
+        return None
+
+    def latest(self) -> TrainState | None:
+        """The newest checkpoint of this run, loaded, or None on a fresh start."""
+        ref = self.latest_ref()
+        return self.load(ref) if ref else None
+
+    @property
+    def _memory_index(self) -> list[dict[str, Any]]:
+        if not hasattr(self, "_index"):
+            self._index: list[dict[str, Any]] = []
+        return self._index
+
+    def _record(self, ref: str, step: int, kind: str, parent: str | None) -> None:
+        entry = {"ref": ref, "step": step, "kind": kind, "parent": parent}
+        if self.run_dir is None:
+            self._memory_index.append(entry)
+        else:
+            fsutil.append_line(self.run_dir / INDEX_FILE, json.dumps(entry))
+
+
+class RepositoryStore(CheckpointStore):
+    """Checkpoints as versions of ``model_name`` in a :class:`ModelRepository`."""
+
+    def __init__(self, repository: str | Path, model_name: str, run_dir: str | Path | None):
+        super().__init__(run_dir)
+        self.repository = Path(repository)
+        self.model_name = model_name
+        self._repo: Any = None
+
+    @property
+    def repo(self) -> Any:
+        """The repository, opened on first use: only rank 0 ever touches it."""
+        if self._repo is None:
+            from aimass_hpc.repo import ModelRepository
+
+            self._repo = ModelRepository(self.repository)
+        return self._repo
+
+    def _save(self, state: TrainState, info: SaveInfo, parent: str | None) -> str:
+        version = self.repo.save(
+            self.model_name,
+            state.model,
+            optimizer=state.optimizer,
+            extra=state.extra or None,
+            metrics=info.metrics or None,
+            tags=[info.kind, *info.tags],
+            parent=parent,
+            hyperparameters=info.hyperparameters or None,
+            recipe=info.recipe,
+            run=info.run or None,
+        )
+        return str(version.ref)
+
+    def load(self, ref: str) -> TrainState:
+        ckpt = self.repo.load(ref)
+        return TrainState(
+            model=dict(ckpt.state_dict),
+            optimizer=ckpt.optimizer,
+            extra=dict(ckpt.extra or {}),
+            ref=str(ckpt.version.ref),
+        )
+
+
+class MemoryStore(CheckpointStore):
+    """Checkpoints kept in this process (tests and runs without a repository)."""
+
+    def __init__(self, run_dir: str | Path | None = None) -> None:
+        super().__init__(run_dir)
+        self.saved: dict[str, tuple[TrainState, SaveInfo]] = {}
+
+    def _save(self, state: TrainState, info: SaveInfo, parent: str | None) -> str:
+        import copy
+
+        ref = f"memory:{len(self.saved) + 1}"
+        self.saved[ref] = (copy.deepcopy(state), info)
+        return ref
+
+    def load(self, ref: str) -> TrainState:
+        import copy
+
+        state = copy.deepcopy(self.saved[ref][0])
+        state.ref = ref
+        return state

@@ -1,0 +1,344 @@
+"""Training benchmarks, printed as ratios against hand-written peers.
+
+1. Framework overhead: seconds per step of the built-in ``Trainer`` (metrics to a run dir,
+   stop-signal checks, scheduler bookkeeping) against a plain PyTorch loop over the same model,
+   data, optimizer and batches, in one process. Target: ratio <= 1.05.
+2. Launch latency: from invoking ``aimass train`` to the first training step in the job,
+   against a hand-written sbatch script that starts the same workload with ``srun``
+   (torch.distributed set up by hand). Needs the local Slurm cluster. Target: ratio <= 1.1.
+3. With ``--device cuda``: samples/s of the synthetic model through the trainer vs the plain
+   loop on one GPU (run it where a GPU is present).
+
+    .venv/bin/python benchmarks/bench_train.py                 # both, on the dev cluster
+    .venv/bin/python benchmarks/bench_train.py --skip-launch   # overhead only, no Slurm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "synthetic"))
+sys.path.insert(0, str(ROOT / "examples" / "digits"))
+
+import synthetic_mlp  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from aimass_hpc.runtime import rng  # noqa: E402
+from aimass_hpc.runtime.config import TrainParams  # noqa: E402
+from aimass_hpc.runtime.distributed import LocalBackend  # noqa: E402
+from aimass_hpc.runtime.env import WorldInfo  # noqa: E402
+from aimass_hpc.runtime.metrics import MetricsWriter  # noqa: E402
+from aimass_hpc.runtime.task import TrainTask  # noqa: E402
+from aimass_hpc.runtime.trainer import Trainer  # noqa: E402
+
+# ----------------------------------------------------------------------------- overhead
+
+
+def make_task(size: dict[str, int]) -> TrainTask:
+    x, y = synthetic_mlp.make_data(size["samples"], size["features"])
+    model = synthetic_mlp.make_model(size["features"], size["width"], size["depth"])
+    return TrainTask(model=model, train=(x, y), loss=nn.MSELoss())
+
+
+def run_trainer(size: dict[str, int], steps: int, batch: int, device: str) -> list[float]:
+    """Step-to-step intervals (s) of Trainer.fit, from its own per-step metrics records."""
+    from aimass_hpc.runtime.metrics import read_metrics
+
+    rng.seed_everything(0)
+    task = make_task(size)
+    params = TrainParams(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=batch, steps=steps)
+    backend = LocalBackend(WorldInfo(), torch.device(device))
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(task, params, backend=backend, metrics=MetricsWriter(run_dir))
+        trainer.fit()
+        records = [r for r in read_metrics(run_dir) if r["kind"] == "step"]
+    # samples_per_s = batch / (time since the previous step ended): invert it.
+    return [batch / r["samples_per_s"] for r in records[WARMUP:]]
+
+
+def run_plain(size: dict[str, int], steps: int, batch: int, device: str) -> list[float]:
+    """Step-to-step intervals (s) of the loop a user would write by hand."""
+    rng.seed_everything(0)
+    task = make_task(size)
+    model = task.model.to(device)
+    x_all, y_all = task.train  # type: ignore[misc]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.MSELoss()
+    order = torch.randperm(len(x_all))
+    intervals = []
+    last = time.perf_counter()
+    for i in range(steps):
+        idx = order[i * batch : (i + 1) * batch]
+        x, y = x_all[idx].to(device, non_blocking=True), y_all[idx].to(device, non_blocking=True)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        loss = loss.detach()  # what a hand-written loop keeps for logging
+        now = time.perf_counter()
+        intervals.append(now - last)
+        last = now
+    return intervals[WARMUP:]
+
+
+WARMUP = 3
+
+
+def overhead(size: dict[str, int], steps: int, batch: int, repeats: int, device: str) -> dict:
+    """Median step interval of both over all runs, alternating runs so that load changes on a
+    shared machine hit both alike. On a GPU, intervals include queueing, so use many steps."""
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    plain: list[float] = []
+    trainer: list[float] = []
+    run_plain(size, 5, batch, device)  # warm up allocator / kernels
+    for _ in range(repeats):
+        plain += run_plain(size, steps, batch, device)
+        trainer += run_trainer(size, steps, batch, device)
+    p, t = statistics.median(plain), statistics.median(trainer)
+    return {"plain_s_per_step": p, "trainer_s_per_step": t, "ratio": t / p, "batch": batch}
+
+
+# ----------------------------------------------------------------------------- launch latency
+
+PLAIN_STEP = r"""
+import os, sys, time
+t_start = time.time()
+import torch, torch.distributed as dist
+from torch import nn
+sys.path.insert(0, os.environ["DIGITS_DIR"])
+import digits_mlp
+rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:"
+                        f"{os.environ['MASTER_PORT']}", rank=rank, world_size=world)
+torch.manual_seed(0)
+task = digits_mlp.build()
+model = nn.parallel.DistributedDataParallel(task.model)
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+x, y = task.train
+idx = torch.randperm(len(x))[: 64 // world]
+opt.zero_grad()
+task.loss(model(x[idx]), y[idx]).backward()
+opt.step()
+if rank == 0:
+    with open(os.environ["FIRST_STEP_FILE"], "w") as fh:
+        fh.write(str(time.time()))
+dist.destroy_process_group()
+"""
+
+PLAIN_SBATCH = """#!/bin/bash
+#SBATCH --job-name=plain-train
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node={tasks}
+#SBATCH --cpus-per-task=1
+#SBATCH --time=00:05:00
+#SBATCH --output={out}/slurm-%j.out
+first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR=$(scontrol show node -o "$first" | sed -n 's/.* NodeAddr=\\([^ ]*\\).*/\\1/p')
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export DIGITS_DIR={digits} FIRST_STEP_FILE={out}/first_step OMP_NUM_THREADS=1
+srun --kill-on-bad-exit=1 {python} {out}/plain.py
+"""
+
+AIMASS_SPEC = """
+name = "bench-launch"
+pythonpath = [{digits}]
+[task]
+ref = "digits_mlp:build"
+[train]
+batch_size = 64
+steps = 2
+[model]
+name = "bench-launch"
+[job]
+nodes = {nodes}
+tasks_per_node = {tasks}
+cpus_per_task = 1
+time = "00:05:00"
+"""
+
+
+JOBS: list[str] = []  # every job this benchmark queued, waited for before cleaning up
+CLI_SECONDS: list[float] = []  # how long `aimass train` itself took (part of its latency)
+
+
+def _wait_file(path: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def launch_plain(work: Path, nodes: int, tasks: int) -> float:
+    out = Path(tempfile.mkdtemp(dir=work))
+    (out / "plain.py").write_text(PLAIN_STEP)
+    script = out / "job.sh"
+    script.write_text(
+        PLAIN_SBATCH.format(
+            nodes=nodes,
+            tasks=tasks,
+            out=out,
+            digits=ROOT / "examples" / "digits",
+            python=sys.executable,
+        )
+    )
+    t0 = time.time()
+    proc = subprocess.run(
+        ["sbatch", "--parsable", str(script)], check=True, capture_output=True, text=True
+    )
+    JOBS.append(proc.stdout.strip().split(";")[0])
+    _wait_file(out / "first_step")
+    return float((out / "first_step").read_text()) - t0
+
+
+def launch_aimass(work: Path, site: str, nodes: int, tasks: int) -> float:
+    out = Path(tempfile.mkdtemp(dir=work))
+    spec = out / "spec.toml"
+    spec.write_text(
+        AIMASS_SPEC.format(
+            digits=json.dumps(str(ROOT / "examples" / "digits")), nodes=nodes, tasks=tasks
+        )
+    )
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "aimass_hpc", "train", str(spec), "--site", site, "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    CLI_SECONDS.append(time.time() - t0)
+    JOBS.append(json.loads(proc.stdout)["job_id"])
+    metrics = Path(json.loads(proc.stdout)["run_dir"]) / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while True:
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("kind") == "step":
+                    # The step record's wall time is taken right after the step finished.
+                    return rec["time"] - t0
+        if time.monotonic() > deadline:
+            raise TimeoutError("no first step")
+        time.sleep(0.05)
+
+
+def _bench_site(work: Path, base: str, srun_mpi: str | None) -> str:
+    """A copy of the site with runs/models under ``work`` (the benchmark leaves no trace)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _sitefixtures import site_data, write_site
+
+    top = {}
+    if srun_mpi is not None:  # e.g. "none": torch.distributed needs no PMI from srun
+        top["mpi"] = {**site_data(base)["mpi"], "srun_mpi": srun_mpi}
+    return str(write_site(work, base, **top).source)
+
+
+def launch(
+    site_base: str, nodes: int, tasks: int, repeats: int, srun_mpi: str | None = None
+) -> dict:
+    """Median seconds from submit to the first step, both ways, alternating."""
+    with tempfile.TemporaryDirectory(prefix="bench-launch-") as tmp:
+        work = Path(tmp)
+        site = _bench_site(work, site_base, srun_mpi)
+        launch_plain(work, nodes, tasks)  # warm the page cache for both
+        plain, ours = [], []
+        for _ in range(repeats):
+            plain.append(launch_plain(work, nodes, tasks))
+            ours.append(launch_aimass(work, site, nodes, tasks))
+        while JOBS:  # let the jobs finish writing before their directories go
+            queued = subprocess.run(
+                ["squeue", "-h", "-o", "%i", "-j", ",".join(JOBS)], capture_output=True, text=True
+            ).stdout.split()
+            if not queued:
+                break
+            time.sleep(0.5)
+        p, a = statistics.median(plain), statistics.median(ours)
+        return {
+            "plain_s": p,
+            "aimass_s": a,
+            "ratio": a / p,
+            "aimass_cli_s": statistics.median(CLI_SECONDS),
+            "plain_all": plain,
+            "aimass_all": ours,
+        }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (overhead/throughput)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--skip-launch", action="store_true")
+    ap.add_argument("--site", default="dev", help="bundled site to copy for the launch test")
+    ap.add_argument("--launch-repeats", type=int, default=7)
+    ap.add_argument("--srun-mpi", help="override the site's mpi.srun_mpi for the launch test")
+    ap.add_argument("--json", dest="json_out", help="also write the results here")
+    args = ap.parse_args()
+
+    results: dict[str, dict] = {}
+    if not args.skip_overhead:
+        if args.device == "cpu":
+            sizes = {
+                "small (64->128x2)": {"samples": 65536, "features": 64, "width": 128, "depth": 2},
+                "synthetic (256->512x4)": {
+                    "samples": 32768,
+                    "features": 256,
+                    "width": 512,
+                    "depth": 4,
+                },
+            }
+            batch = 128
+        else:
+            sizes = {"synthetic (512->1024x8)": {"samples": 65536, "features": 512,
+                                                 "width": 1024, "depth": 8}}  # fmt: skip
+            batch = 1024
+        for label, size in sizes.items():
+            results[f"step time, {label}"] = overhead(
+                size, args.steps, batch, args.repeats, args.device
+            )
+    if not args.skip_launch:
+        label = "launch to first step (1 node x 2 ranks)"
+        if args.srun_mpi:
+            label += f", srun --mpi={args.srun_mpi}"
+        results[label] = launch(args.site, 1, 2, args.launch_repeats, args.srun_mpi)
+
+    print(f"\n{'benchmark':45} {'aimass':>12} {'peer':>12} {'ratio':>7} {'target':>7}")
+    for name, r in results.items():
+        if "trainer_s_per_step" in r:
+            ours, peer, unit, target = r["trainer_s_per_step"], r["plain_s_per_step"], "ms", 1.05
+            ours, peer = ours * 1e3, peer * 1e3
+            sps = r["batch"] / r["trainer_s_per_step"]
+            print(
+                f"{name:45} {ours:9.3f} {unit} {peer:9.3f} {unit} {r['ratio']:7.3f} "
+                f"{target:7.2f}   ({sps:,.0f} samples/s through the trainer)"
+            )
+        else:
+            ours, peer, target = r["aimass_s"], r["plain_s"], 1.10
+            print(
+                f"{name:45} {ours:10.2f} s {peer:10.2f} s {r['ratio']:7.3f} {target:7.2f}   "
+                f"(of which `aimass train` itself: {r['aimass_cli_s']:.2f} s)"
+            )
+    print("peer: plain PyTorch loop (step time) / hand-written sbatch + srun script (launch)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
