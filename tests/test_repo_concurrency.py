@@ -52,3 +52,22 @@ def test_eight_processes_save_twenty_versions_each(tmp_path: Path) -> None:
         expect = np.random.default_rng(seed).standard_normal(64).astype(np.float32)
         assert np.array_equal(repo.load(v.ref).state_dict["w"].numpy(), expect), v.ref
     assert repo.gc(grace_seconds=0).removed == []  # nobody left anything behind
+
+
+def _open_repo(path: str) -> None:
+    from aimass_hpc.repo import ModelRepository
+
+    ModelRepository(path)
+
+
+def test_many_processes_create_one_new_repository_at_once(tmp_path):
+    import multiprocessing as mp
+
+    root = tmp_path / "fresh-repo"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_open_repo, args=(str(root),)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 8

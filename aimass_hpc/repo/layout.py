@@ -169,6 +169,10 @@ def writer_alive(info: dict[str, Any], mtime: float, grace_seconds: float) -> bo
     return age < grace_seconds
 
 
+def _repo_creation_entry(name: str) -> bool:
+    return name in ("models", MARKER) or name.startswith(f".{MARKER}.")
+
+
 def ensure_repo(root: Path, create: bool) -> None:
     """Check that ``root`` is a repository, creating it if asked."""
     marker = root / MARKER
@@ -178,7 +182,9 @@ def ensure_repo(root: Path, create: bool) -> None:
         if not root.exists():
             raise NotFoundError(f"no model repository at {root}")
         raise NotFoundError(f"{root} is not a model repository (no {MARKER})")
-    if root.exists() and any(p.name != "models" for p in root.iterdir()):
+    # Another process may be creating the same repository right now (all ranks of a job):
+    # its "models" dir and the marker's temp file are not foreign content.
+    if root.exists() and any(not _repo_creation_entry(p.name) for p in root.iterdir()):
         raise InputError(
             f"refusing to create a model repository in non-empty directory {root}: "
             "use an empty or new directory"
