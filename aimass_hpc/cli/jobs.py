@@ -14,6 +14,7 @@ from rich.table import Table
 
 from aimass_hpc.errors import InputError, NotFoundError
 from aimass_hpc.runs import RunDir, find_run, list_runs
+from aimass_hpc.runtime.metrics import summarize
 from aimass_hpc.scheduler import JobState, JobStatus, get_scheduler
 from aimass_hpc.site import Site, load_site
 from aimass_hpc.timelimit import format_elapsed
@@ -171,10 +172,24 @@ def _resolve_refs(site_obj: Site, refs: tuple[str, ...]) -> tuple[list[str], dic
     return ids, runs
 
 
+def _progress_text(run: RunDir | None) -> str | None:
+    """Training progress from the run's metrics.jsonl, e.g. ``step 40/120 loss 0.31``."""
+    summary = summarize(run.path) if run is not None else None
+    if not summary or not summary.get("step"):
+        return None
+    text = f"step {summary['step']}"
+    if summary.get("total_steps"):
+        text += f"/{summary['total_steps']}"
+    if isinstance(summary.get("loss"), int | float):
+        text += f" loss {summary['loss']:.3g}"
+    return text
+
+
 def _print_table(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> None:
-    table = Table("id", "name", "state", "elapsed", "nodes", "reason")
+    table = Table("id", "name", "state", "elapsed", "nodes", "progress", "reason")
     for job_id, st in statuses.items():
         run = runs.get(job_id)
+        progress = _progress_text(run)
         name = run.name if run is not None else st.name
         style = _STATE_STYLE.get(st.state, "red" if st.is_terminal else "")
         state = f"[{style}]{st.state.value}[/{style}]" if style else st.state.value
@@ -184,7 +199,13 @@ def _print_table(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> Non
         if st.exit_code and st.is_terminal:
             reason = f"exit {st.exit_code}" + (f"; {reason}" if reason else "")
         table.add_row(
-            job_id, name, state, format_elapsed(st.elapsed), st.nodes or "-", reason or "-"
+            job_id,
+            name,
+            state,
+            format_elapsed(st.elapsed),
+            st.nodes or "-",
+            progress or "-",
+            reason or "-",
         )
     Console().print(table)
 
@@ -197,6 +218,7 @@ def _status_json(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> str
         data["run_dir"] = str(run.path) if run is not None else None
         if run is not None:
             data["name"] = run.name
+            data["progress"] = summarize(run.path)
         out.append(data)
     return json.dumps(out, indent=2)
 

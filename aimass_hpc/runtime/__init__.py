@@ -8,6 +8,7 @@ Public API (imported lazily, so ``import aimass_hpc.runtime`` costs nothing and
 - :class:`TrainTask` what a task function returns; :class:`Trainer` the built-in trainer;
   :class:`TrainParams` / :class:`RunConfig` its configuration.
 - :class:`WorldInfo` rank and world from SLURM_* / Open MPI / torchrun variables.
+- :func:`report_result` a program's final value for a search (torch-free).
 - :func:`read_metrics` a run's metrics, with records superseded by a restart removed.
 """
 
@@ -28,6 +29,7 @@ _EXPORTS = {
     "read_metrics": "aimass_hpc.runtime.metrics",
     "MetricsWriter": "aimass_hpc.runtime.metrics",
     "connect": "aimass_hpc.runtime.distributed",
+    "report_result": "aimass_hpc.runtime.result",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -42,8 +42,8 @@ from aimass_hpc.runtime.config import CONFIG_FILE, RunConfig, load_config
 from aimass_hpc.runtime.distributed import Backend, connect
 from aimass_hpc.runtime.env import WorldInfo
 from aimass_hpc.runtime.metrics import MetricsWriter
+from aimass_hpc.runtime.result import RESULT_FILE
 
-RESULT_FILE = "result.json"
 PREEMPT_FILE = "preemptions.jsonl"
 
 
