@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import aimass_hpc
 from aimass_hpc.errors import InputError, NotFoundError
-from aimass_hpc.timelimit import TimeLimitError, parse_time
+from aimass_hpc.timelimit import check_time, parse_time
 
 PACKAGE_ROOT = Path(aimass_hpc.__file__).resolve().parents[1]
 BUNDLED_SITES = PACKAGE_ROOT / "site_configs"
@@ -77,16 +77,6 @@ def _check_slurm_name(value: str | None) -> str | None:
         raise ValueError(
             f"{value!r} has characters Slurm names do not use (allowed: A-Z a-z 0-9 _ . + -)"
         )
-    return value
-
-
-def _check_time(value: str | None) -> str | None:
-    if value is None:
-        return value
-    try:
-        parse_time(value)
-    except TimeLimitError as exc:
-        raise ValueError(str(exc)) from None
     return value
 
 
@@ -156,7 +146,7 @@ class Partition(_Model):
     @field_validator("max_time", "default_time")
     @classmethod
     def _times(cls, value: str | None) -> str | None:
-        return _check_time(value)
+        return check_time(value)
 
     @field_validator("mem_per_node", mode="before")
     @classmethod

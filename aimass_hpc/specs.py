@@ -36,7 +36,7 @@ from aimass_hpc.site import (
     parse_mem_mb,
     problems_from_validation,
 )
-from aimass_hpc.timelimit import TimeLimitError, format_time, parse_time
+from aimass_hpc.timelimit import check_time, format_time, parse_time
 
 Kind = Literal["job", "train", "trial", "serve"]
 Launcher = Literal["srun", "mpirun", "none"]
@@ -166,13 +166,7 @@ class JobRequest(BaseModel):
     @field_validator("time")
     @classmethod
     def _time(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            parse_time(value)
-        except TimeLimitError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return check_time(value)
 
     @field_validator("mem")
     @classmethod
@@ -320,18 +314,27 @@ def sbatch_options(script: str) -> dict[str, str]:
 # ------------------------------------------------------------------ generic job spec files
 
 
+def read_spec_toml(path: Path, what: str = "spec file") -> dict[str, Any]:
+    """The table in TOML file ``path``; a missing or malformed file is one InputError line."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path} is a directory, not a TOML file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load_job_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobRequest:
     """Read a generic job spec TOML (a ``[job]`` table) into a :class:`JobRequest`.
 
     ``overrides`` (e.g. from CLI flags) replace keys of the table. Errors name the key path.
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"spec file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: not valid TOML: {exc}") from None
+    data = read_spec_toml(path)
     unknown = [key for key in data if key != "job"]
     if unknown:
         raise InputError(

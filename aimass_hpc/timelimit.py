@@ -75,6 +75,16 @@ def parse_time(value: str | int, *, allow_unlimited: bool = True) -> int | None:
 _FIELD_WORD = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
 
 
+def check_time(value: str | None) -> str | None:
+    """Field validator: ``value`` unchanged when it is a valid Slurm time limit (or None).
+
+    Raises :class:`TimeLimitError` (a ``ValueError``, so pydantic reports it by key path).
+    """
+    if value is not None:
+        parse_time(value)
+    return value
+
+
 def parse_elapsed(value: str) -> int | None:
     """Parse an elapsed/limit column from squeue or sacct; ``None`` when it has no value."""
     text = (value or "").strip()

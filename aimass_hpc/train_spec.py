@@ -41,7 +41,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from aimass_hpc.errors import InputError
 from aimass_hpc.runtime.config import CONFIG_FILE, RunConfig, TrainParams
 from aimass_hpc.site import Site, problems_from_validation
-from aimass_hpc.specs import JobRequest, request_from_mapping
+from aimass_hpc.specs import JobRequest, read_spec_toml, request_from_mapping
 
 Backend = Literal["torch", "horovod"]
 
@@ -317,12 +316,7 @@ def plan_training(spec: TrainSpec, site: Site) -> TrainPlan:
 def load_train_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainSpec:
     """Read and validate a spec; ``overrides`` are dotted keys (``job.nodes``) from CLI flags."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"spec file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: not valid TOML: {exc}") from None
+    data = read_spec_toml(path)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
