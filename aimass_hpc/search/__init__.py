@@ -1,0 +1,66 @@
+"""Hyperparameter search algorithms: spaces and ask/tell samplers (no scheduler inside).
+
+``Space`` describes what to search; a sampler (``MCTSSampler``, ``RandomSampler`` or
+``OptunaTPESampler``) proposes ``Trial``s with ``ask`` and learns results with ``tell``. The
+driver that runs trials as batch jobs lives elsewhere and rebuilds a sampler from its journal
+(see ``Sampler``). ``OptunaTPESampler`` imports optuna only when constructed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aimass_hpc.search.mcts import MCTSSampler
+from aimass_hpc.search.samplers import RandomSampler, Sampler, Trial, TrialRecord
+from aimass_hpc.search.space import Categorical, Float, Int, Param, Space
+
+__all__ = [
+    "SAMPLERS",
+    "Categorical",
+    "Float",
+    "Int",
+    "MCTSSampler",
+    "OptunaTPESampler",
+    "Param",
+    "RandomSampler",
+    "Sampler",
+    "Space",
+    "Trial",
+    "TrialRecord",
+    "make_sampler",
+]
+
+#: Sampler names a spec can use (``sampler = "mcts"``).
+SAMPLERS = ("mcts", "random", "tpe")
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing aimass_hpc.search must not import optuna.
+    if name == "OptunaTPESampler":
+        from aimass_hpc.search.optuna_adapter import OptunaTPESampler
+
+        return OptunaTPESampler
+    raise AttributeError(name)
+
+
+def make_sampler(
+    name: str, space: Space, *, seed: int | None = None, direction: str = "minimize", **options
+) -> Sampler:
+    """A sampler by spec name (``mcts``, ``random``, ``tpe``); options go to its constructor.
+
+    Raises ``InputError`` for an unknown name or option, so a spec typo is one clear line.
+    """
+    from aimass_hpc.errors import InputError
+
+    if name == "mcts":
+        cls: type[Sampler] = MCTSSampler
+    elif name == "random":
+        cls = RandomSampler
+    elif name == "tpe":
+        cls = __getattr__("OptunaTPESampler")
+    else:
+        raise InputError(f"sampler: expected one of {', '.join(SAMPLERS)} (got {name!r})")
+    try:
+        return cls(space, seed=seed, direction=direction, **options)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"sampler: bad option for {name!r}: {exc}") from None

@@ -1,0 +1,910 @@
+"""The search driver: runs an ask/tell sampler's trials as batch jobs, asynchronously.
+
+It keeps at most ``parallel`` trials in the scheduler; as soon as one ends it tells the sampler
+and asks for the next while the others are still running (no lock-step rounds). All running
+trials are polled with ONE scheduler ``status`` call per poll. It knows no Slurm: it talks to
+the scheduler interface and :func:`aimass_hpc.submission.submit`.
+
+Crash safety: every decision is journaled *before* it is acted on::
+
+    ask -> journal trial_proposed -> submit -> journal trial_submitted(job id) -> ...
+    job ended -> journal trial_finished/failed -> tell the sampler
+
+so a kill between any two steps leaves a journal from which :meth:`SearchDriver.run` (what
+``aimass search resume`` calls) continues: it replays the journal, rebuilds the sampler
+(deterministic given the seed and the records), then reconciles the trials that were active
+with the scheduler: finished ones are read, running ones adopted, proposed-but-unsubmitted ones
+submitted (or adopted when their job was queued just before the kill), lost ones resubmitted
+under the same trial id. A trial id is never duplicated and the search ends at exactly the
+budget. One driver at a time: a lock file with a heartbeat in the search directory.
+
+Search directory layout::
+
+    <search dir>/
+      journal.jsonl      the append-only journal (the whole state)
+      spec.toml          the spec as given (for humans; the journal holds the resolved one)
+      driver.lock        held by the live driver (host, pid; heartbeat by mtime)
+      trials/            one run directory per trial submission (params.json inside)
+      driver/            the driver's own run directory when started with --detach
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aimass_hpc import fsutil
+from aimass_hpc.errors import ConflictError, InputError, NotFoundError, SchedulerError
+from aimass_hpc.runs import RunDir
+from aimass_hpc.runtime.result import RESULT_FILE  # written by report_result / write_result
+from aimass_hpc.search import journal as J
+from aimass_hpc.search.journal import FileLock, Journal, SearchState, TrialRecord, replay
+from aimass_hpc.search.pruning import History, SuccessiveHalving, read_history
+from aimass_hpc.search.samplers import Sampler
+from aimass_hpc.search.search_spec import (
+    SearchSpec,
+    format_command,
+    spec_from_record,
+    train_overrides,
+)
+from aimass_hpc.site import Site
+from aimass_hpc.specs import JobRequest
+
+log = logging.getLogger(__name__)
+
+SEARCHES_DIR = "searches"
+TRIALS_DIR = "trials"
+DRIVER_DIR = "driver"
+DRIVER_LOCK = "driver.lock"
+SPEC_COPY = "spec.toml"
+PARAMS_FILE = "params.json"
+
+# A driver refreshes its lock every poll; one silent this long (another host) is dead.
+DRIVER_STALE_S = 120.0
+# Polls in a row a job may be missing from the scheduler before its trial counts as lost.
+MISSES_BEFORE_LOST = 3
+SUBMIT_ATTEMPTS = 3  # scheduler errors in a row before a trial's submission is given up
+
+
+def make_sampler(spec: SearchSpec, seed: int) -> Sampler:
+    """The sampler the spec names, seeded with the journaled seed."""
+    from aimass_hpc.search import make_sampler as by_name
+
+    return by_name(
+        spec.search.sampler, spec.space_obj(), seed=seed, direction=spec.search.direction
+    )
+
+
+def sampler_records(state: SearchState) -> list[tuple[int, dict[str, Any], str, float | None]]:
+    """The journal as the sampler's ``replay`` wants it: ``(id, params, state, value)``.
+
+    Pruned and cancelled trials count as failures (a region to avoid, not a result).
+    """
+    out = []
+    for t in state.trials.values():
+        if t.state == J.FINISHED and t.value is not None and math.isfinite(t.value):
+            out.append((t.id, t.params, "complete", float(t.value)))
+        elif t.terminal:
+            out.append((t.id, t.params, "failed", None))
+        else:
+            out.append((t.id, t.params, "pending", None))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The search directory
+
+
+@dataclass(frozen=True)
+class SearchDir:
+    """A search directory on the shared filesystem."""
+
+    path: Path
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path / J.JOURNAL_NAME
+
+    @property
+    def trials_root(self) -> Path:
+        return self.path / TRIALS_DIR
+
+    @property
+    def driver_root(self) -> Path:
+        return self.path / DRIVER_DIR
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / DRIVER_LOCK
+
+    def journal(self) -> Journal:
+        """A journal handle (cheap; it reads incrementally)."""
+        return Journal(self.journal_path)
+
+    def state(self) -> SearchState:
+        """The search state replayed from the journal."""
+        return replay(self.journal().records())
+
+    def spec(self, state: SearchState | None = None) -> SearchSpec:
+        """The resolved spec the search was created with."""
+        state = state or self.state()
+        if state.spec is None:
+            raise NotFoundError(f"{self.path}: the journal has no search_created record")
+        return spec_from_record(state.spec)
+
+    def site_ref(self) -> str | None:
+        """The site the search was created for (from the journal)."""
+        for rec in self.journal().records():
+            if rec.get("type") == J.SEARCH_CREATED:
+                return rec.get("site")
+        return None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> SearchDir:
+        """An existing search directory; ``NotFoundError`` when it holds no journal."""
+        sdir = cls(Path(path).expanduser().resolve())
+        if not sdir.journal_path.is_file():
+            raise NotFoundError(f"no search journal in {sdir.path} (give a search directory)")
+        return sdir
+
+
+def create_search(
+    spec: SearchSpec,
+    site: Site,
+    *,
+    directory: str | os.PathLike[str] | None = None,
+    spec_text: str | None = None,
+) -> SearchDir:
+    """Create a search directory and its journal (``search_created``); submits nothing.
+
+    The seed is fixed here (a random one when the spec has none) and journaled, so a resumed
+    driver proposes exactly what the first would have.
+    """
+    if directory is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        directory = (
+            site.runs_root / SEARCHES_DIR / f"{stamp}-{spec.search.name}-{secrets.token_hex(3)}"
+        )
+    path = Path(directory).expanduser().resolve()
+    if path.exists() and any(path.iterdir()):
+        raise ConflictError(f"search directory {path} exists and is not empty")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / TRIALS_DIR).mkdir(exist_ok=True)
+    record = spec.to_record()
+    if record["search"]["seed"] is None:
+        record["search"]["seed"] = secrets.randbits(31)
+    if spec_text is not None:
+        fsutil.atomic_write_text(path / SPEC_COPY, spec_text)
+    sdir = SearchDir(path)
+    sdir.journal().append(
+        J.SEARCH_CREATED,
+        spec=record,
+        name=spec.search.name,
+        site=site.ref(),
+        host=socket.gethostname(),
+        user=os.environ.get("USER", ""),
+    )
+    return sdir
+
+
+# ---------------------------------------------------------------------------------------------
+# Trial results
+
+
+def read_trial_value(
+    run_dir: str | os.PathLike[str], metric: str, objective: str
+) -> tuple[Any, str]:
+    """The value a finished trial reported, and where it was found.
+
+    Looked up in order: ``result.json`` (the runtime API: ``metrics[metric]``, or ``value``);
+    then for a command the last line of its output that parses as a number, for a training
+    spec the last ``metric`` in ``metrics.jsonl`` (and the other as a fallback).
+    Returns ``(None, "")`` when the trial reported nothing.
+    """
+    run = RunDir(Path(run_dir))
+    result = run.path / RESULT_FILE
+    if result.is_file():
+        try:
+            data = fsutil.read_json(result)
+        except (OSError, ValueError):
+            data = {}
+        metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+        for source in (metrics, data):
+            for key in (metric, "value"):
+                value = source.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    return float(value), f"{RESULT_FILE}:{key}"
+    readers = (
+        [_last_number_line, _last_metric]
+        if objective == "command"
+        else [
+            _last_metric,
+            _last_number_line,
+        ]
+    )
+    for reader in readers:
+        found = reader(run, metric)
+        if found[0] is not None:
+            return found
+    return None, ""
+
+
+def _last_number_line(run: RunDir, metric: str) -> tuple[float | None, str]:
+    logs = run.log_files()
+    for path in reversed(logs):  # the latest restart first
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in reversed(lines):
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                return float(text), f"output ({path.name})"
+            except ValueError:
+                continue
+    return None, ""
+
+
+def _last_metric(run: RunDir, metric: str) -> tuple[float | None, str]:
+    history = read_history(run.path, metric)
+    if history:
+        return history[-1][1], f"metrics.jsonl:{metric}"
+    return None, ""
+
+
+def _log_tail(run_dir: str | None, lines: int = 1) -> str:
+    """The last non-empty output line of a trial (for a failure reason)."""
+    if not run_dir:
+        return ""
+    files = RunDir(Path(run_dir)).log_files()
+    if not files:
+        return ""
+    try:
+        text = files[-1].read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    tail = [t.strip() for t in text if t.strip()][-lines:]
+    return " | ".join(tail)[:200]
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+class SearchDriver:
+    """Drives one search directory until its budget is spent (or it is cancelled).
+
+    ``scheduler``: a backend (default: the site's); ``echo``: receives one line per event
+    (progress display); ``poll_interval`` overrides the spec's.
+    """
+
+    def __init__(
+        self,
+        sdir: SearchDir,
+        site: Site,
+        *,
+        scheduler: Any = None,
+        echo: Callable[[str], None] | None = None,
+        poll_interval: float | None = None,
+    ) -> None:
+        self.sdir = sdir
+        self.site = site
+        self.journal = sdir.journal()
+        state = replay(self.journal.records())
+        self.spec = sdir.spec(state)
+        self.seed = int(self.spec.search.seed or 0)
+        if scheduler is None:
+            from aimass_hpc.scheduler import get_scheduler
+
+            scheduler = get_scheduler(site)
+        self.scheduler = scheduler
+        self.echo = echo or (lambda _msg: None)
+        self.poll_interval = poll_interval or self.spec.search.poll_interval
+        self.lock = FileLock(sdir.lock_path, stale_after=DRIVER_STALE_S, purpose="search driver")
+        self.sampler: Sampler | None = None
+        self.pruner = (
+            SuccessiveHalving(
+                min_step=self.spec.pruning.min_step,
+                reduction_factor=self.spec.pruning.reduction_factor,
+                direction=self.spec.search.direction,
+                min_trials=self.spec.pruning.min_trials,
+            )
+            if self.spec.pruning.enabled
+            else None
+        )
+        self._misses: dict[int, int] = {}
+        self._submit_errors: dict[int, int] = {}
+        self._histories: dict[int, History] = {}
+        self._stop_signal: str | None = None
+        self.polls = 0  # scheduler status calls made (one per poll, whatever the trial count)
+        self._last_beat = 0.0
+
+    # ------------------------------------------------------------------------- public
+
+    def state(self) -> SearchState:
+        """The current state, replayed from the journal (incremental read)."""
+        return replay(self.journal.records())
+
+    def run(self) -> SearchState:
+        """Run (or resume) the search to its end; returns the final state.
+
+        Raises ``ConflictError`` when another live driver holds the search.
+        """
+        self._take_lock()
+        previous = self._install_signals()
+        try:
+            state = self.state()
+            if state.finished:
+                self.echo("search already finished")
+                return state
+            self.sampler = make_sampler(self.spec, self.seed)
+            self.sampler.replay(sampler_records(state))
+            self.journal.append(
+                J.DRIVER_STARTED,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                job_id=os.environ.get("SLURM_JOB_ID"),
+                resumed=bool(state.trials),
+            )
+            if state.trials:
+                done = sum(t.terminal for t in state.trials.values())
+                self.echo(
+                    f"resuming: {state.n_proposed} trials proposed, {done} ended, "
+                    f"{len(state.active)} to reconcile with the scheduler"
+                )
+            return self._loop()
+        finally:
+            self._restore_signals(previous)
+            self.lock.release()
+
+    # ------------------------------------------------------------------------- loop
+
+    def _loop(self) -> SearchState:
+        budget, parallel = self.spec.search.budget, self.spec.search.parallel
+        while True:
+            self._heartbeat(force=True)
+            state = self.state()
+            if state.cancel_requested:
+                self._cancel_active(state, "search cancelled")
+                return self._finish(cancelled=True)
+            if self._stop_signal is not None:
+                self.echo(
+                    f"driver stopping on {self._stop_signal}; `aimass search resume` continues"
+                )
+                self._maybe_requeue_self()
+                return state
+            self._poll(state)
+            self._reconcile(self.state())
+            if self.pruner is not None:
+                self._prune(self.state())
+            self._fill(self.state(), budget, parallel)
+            state = self.state()
+            if not state.active and state.n_proposed >= budget:
+                return self._finish(cancelled=False)
+            self._sleep(self.poll_interval)
+
+    def _heartbeat(self, force: bool = False) -> None:
+        """Touch the driver lock (at least every few seconds, also between slow submissions)."""
+        now = time.monotonic()
+        if force or now - self._last_beat > 5.0:
+            self.lock.refresh()
+            self._last_beat = now
+
+    @property
+    def stopped_by(self) -> str | None:
+        """The signal that stopped the driver early, if any (the search goes on at resume)."""
+        return self._stop_signal
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self._stop_signal is None and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    # ------------------------------------------------------------------------- proposing
+
+    def _fill(self, state: SearchState, budget: int, parallel: int) -> None:
+        """Ask for new trials until ``parallel`` are active or the budget is proposed."""
+        assert self.sampler is not None
+        active, proposed = len(state.active), state.n_proposed
+        while active < parallel and proposed < budget:
+            (trial,) = self.sampler.ask(1)
+            J.ensure_new_trial_id(state, trial.id)
+            self.journal.append(J.TRIAL_PROPOSED, trial=trial.id, params=trial.params)
+            self.echo(f"trial {trial.id} proposed: {_fmt_params(trial.params)}")
+            self._submit(trial.id, trial.params, attempt=1)
+            active += 1
+            proposed += 1
+
+    def _submit(self, trial_id: int, params: dict[str, Any], *, attempt: int) -> None:
+        from aimass_hpc.submission import submit
+
+        self._heartbeat()
+        try:
+            request, files = build_trial(self.spec, self.site, self.sdir, trial_id, params)
+        except InputError as exc:
+            # These params make no valid job (e.g. a batch size the ranks cannot split): the
+            # trial fails, the search goes on.
+            self._end(trial_id, J.TRIAL_FAILED, reason=f"cannot build the trial's job: {exc}")
+            return
+        try:
+            sub = submit(
+                self.site,
+                request,
+                spec=trial_payload(self.spec, self.sdir, trial_id, params, attempt),
+                files=files,
+                runs_root=self.sdir.trials_root,
+                scheduler=self.scheduler,
+            )
+        except SchedulerError as exc:
+            n = self._submit_errors.get(trial_id, 0) + 1
+            self._submit_errors[trial_id] = n
+            if n >= SUBMIT_ATTEMPTS:
+                self._end(trial_id, J.TRIAL_FAILED, reason=f"submission failed {n} times: {exc}")
+            else:
+                self.echo(f"trial {trial_id}: submission failed ({exc}); retrying next poll")
+            return
+        self._submit_errors.pop(trial_id, None)
+        run_dir = str(getattr(sub.run_dir, "path", sub.run_dir))
+        self.journal.append(
+            J.TRIAL_SUBMITTED,
+            trial=trial_id,
+            job_id=str(sub.job_id),
+            run_dir=run_dir,
+            attempt=attempt,
+        )
+        again = f" (attempt {attempt})" if attempt > 1 else ""
+        self.echo(f"trial {trial_id} submitted as job {sub.job_id}{again}")
+
+    # ------------------------------------------------------------------------- watching
+
+    def _poll(self, state: SearchState) -> None:
+        """One scheduler call for every trial with a job; act on what ended."""
+        from aimass_hpc.scheduler.states import JobState
+
+        watched = state.by_state(J.SUBMITTED, J.RUNNING)
+        if not watched:
+            return
+        self.polls += 1
+        try:
+            statuses = self.scheduler.status([t.job_id for t in watched])
+        except SchedulerError as exc:
+            self.echo(f"status poll failed ({exc}); retrying")
+            return
+        for t in watched:
+            st = statuses.get(str(t.job_id))
+            if st is None or st.state is JobState.UNKNOWN:
+                self._missing(t)
+                continue
+            self._misses.pop(t.id, None)
+            if not st.is_terminal:
+                if t.state == J.SUBMITTED and st.state in (JobState.RUNNING, JobState.COMPLETING):
+                    started = time.time() - float(st.elapsed or 0)
+                    self.journal.append(
+                        J.TRIAL_RUNNING, trial=t.id, job_id=t.job_id, started_at=started
+                    )
+                continue
+            self._job_ended(t, st)
+
+    def _job_ended(self, t: TrialRecord, st: Any) -> None:
+        from aimass_hpc.scheduler.states import JobState
+
+        started = t.started_at
+        if started is None and st.elapsed is not None:
+            started = time.time() - float(st.elapsed)
+        if st.state is JobState.COMPLETED:
+            self._collect(t, started)
+        elif st.state in (JobState.PREEMPTED, JobState.NODE_FAIL, JobState.BOOT_FAIL):
+            self._lose(t, f"job {t.job_id} ended {st.state.value} without being requeued")
+        else:
+            code = f" (exit code {st.exit_code})" if st.exit_code not in (None, 0) else ""
+            tail = _log_tail(t.run_dir)
+            reason = f"job {t.job_id} {st.state.value}{code}" + (f": {tail}" if tail else "")
+            self._end(t.id, J.TRIAL_FAILED, reason=reason, started_at=started)
+
+    def _collect(self, t: TrialRecord, started: float | None) -> None:
+        """Read a completed trial's value: finished, or failed when it reported none."""
+        metric = self.spec.search.metric
+        value, source = (None, "")
+        if t.run_dir:
+            value, source = read_trial_value(t.run_dir, metric, self.spec.objective.kind)
+        if value is None:
+            self._end(
+                t.id,
+                J.TRIAL_FAILED,
+                reason=f"job {t.job_id} completed but reported no value for {metric!r} "
+                "(no result.json entry and no numeric last output line)",
+                started_at=started,
+            )
+        elif not math.isfinite(value):
+            self._end(
+                t.id, J.TRIAL_FAILED, reason=f"objective value is {value}", started_at=started
+            )
+        else:
+            self._end(t.id, J.TRIAL_FINISHED, value=value, source=source, started_at=started)
+
+    def _missing(self, t: TrialRecord) -> None:
+        """A job the scheduler no longer knows: read its result, or count it lost."""
+        if t.run_dir:
+            value, source = read_trial_value(t.run_dir, self.spec.search.metric, "result-only")
+            if value is not None and source.startswith(RESULT_FILE):
+                self._collect(t, t.started_at)
+                return
+        n = self._misses.get(t.id, 0) + 1
+        self._misses[t.id] = n
+        if n >= MISSES_BEFORE_LOST:
+            self._misses.pop(t.id, None)
+            self._lose(t, f"job {t.job_id} is unknown to the scheduler")
+
+    def _lose(self, t: TrialRecord, reason: str) -> None:
+        self.journal.append(J.TRIAL_LOST, trial=t.id, job_id=t.job_id, reason=reason)
+        self.echo(f"trial {t.id} lost: {reason}")
+
+    def _reconcile(self, state: SearchState) -> None:
+        """Submit trials journaled as proposed or lost (after a crash or a lost job)."""
+        for t in state.by_state(J.LOST):
+            if t.attempts >= self.spec.search.max_attempts:
+                self._end(t.id, J.TRIAL_FAILED, reason=f"lost {t.attempts} times; last: {t.reason}")
+            else:
+                self._submit(t.id, t.params, attempt=t.attempts + 1)
+        for t in state.by_state(J.PROPOSED):
+            if not self._adopt_orphan(t, state):
+                self._submit(t.id, t.params, attempt=t.attempts + 1)
+
+    def _adopt_orphan(self, t: TrialRecord, state: SearchState) -> bool:
+        """A job queued for ``t`` just before a crash (run dir with a job id, not journaled)."""
+        known = {tr.run_dir for tr in state.trials.values() if tr.run_dir}
+        root = self.sdir.trials_root
+        if not root.is_dir():
+            return False
+        for entry in sorted(root.iterdir()):
+            if str(entry) in known or not (entry / PARAMS_FILE).is_file():
+                continue
+            run = RunDir(entry)
+            job_id = run.job_id
+            if not job_id:
+                continue
+            try:
+                payload = run.read_spec()
+            except (OSError, ValueError):
+                continue
+            if _payload_trial(payload) != t.id:
+                continue
+            self.journal.append(
+                J.TRIAL_SUBMITTED,
+                trial=t.id,
+                job_id=str(job_id),
+                run_dir=str(entry),
+                attempt=t.attempts + 1,
+                adopted=True,
+            )
+            self.echo(f"trial {t.id}: adopted job {job_id} queued before the driver stopped")
+            return True
+        return False
+
+    # ------------------------------------------------------------------------- pruning
+
+    def _prune(self, state: SearchState) -> None:
+        assert self.pruner is not None
+        running = state.by_state(J.RUNNING)
+        if not running:
+            return
+        metric = self.spec.pruning.metric or self.spec.search.metric
+        histories: dict[int, History] = {}
+        for t in state.trials.values():
+            if not t.run_dir:
+                continue
+            if t.id in self._histories:
+                histories[t.id] = self._histories[t.id]
+                continue
+            hist = read_history(t.run_dir, metric)
+            if t.terminal:
+                self._histories[t.id] = hist
+            histories[t.id] = hist
+        for t in running:
+            decision = self.pruner.decide(t.id, histories)
+            if decision is None:
+                continue
+            self._end(
+                t.id,
+                J.TRIAL_PRUNED,
+                value=decision.value,
+                step=decision.step,
+                reason=decision.reason,
+            )
+            self._cancel_jobs([t.job_id])
+
+    # ------------------------------------------------------------------------- endings
+
+    def _end(self, trial_id: int, kind: str, **fields: Any) -> None:
+        """Journal a trial's terminal record, then tell the sampler."""
+        now = time.time()
+        fields.setdefault("ended_at", now)
+        self.journal.append(kind, trial=trial_id, **fields)
+        value = fields.get("value")
+        if self.sampler is not None:
+            rec = next((r for r in self.sampler.records if r.id == trial_id), None)
+            if rec is not None and rec.state == "pending":
+                if kind == J.TRIAL_FINISHED:
+                    self.sampler.tell(trial_id, value)
+                else:
+                    self.sampler.tell(trial_id, None, failed=True)
+        best = self.state().best_trial(self.spec.search.direction)
+        best_txt = f" (best: trial {best.id} = {best.value:.6g})" if best else ""
+        if kind == J.TRIAL_FINISHED:
+            self.echo(f"trial {trial_id} finished: {value:.6g}{best_txt}")
+        else:
+            what = kind.removeprefix("trial_")
+            self.echo(f"trial {trial_id} {what}: {fields.get('reason', '')}{best_txt}")
+
+    def _cancel_jobs(self, job_ids: list[str | None]) -> None:
+        ids = [str(j) for j in job_ids if j]
+        if not ids:
+            return
+        try:
+            self.scheduler.cancel(ids)
+        except NotFoundError:
+            for job_id in ids:  # some already gone: cancel the rest one by one
+                with contextlib.suppress(NotFoundError, SchedulerError):
+                    self.scheduler.cancel([job_id])
+        except SchedulerError as exc:
+            self.echo(f"cancel of {', '.join(ids)} failed: {exc}")
+
+    def _cancel_active(self, state: SearchState, reason: str) -> None:
+        active = state.active
+        for t in active:
+            self._end(t.id, J.TRIAL_CANCELLED, reason=reason)
+        self._cancel_jobs([t.job_id for t in active])
+
+    def _finish(self, *, cancelled: bool) -> SearchState:
+        state = self.state()
+        best = state.best_trial(self.spec.search.direction)
+        if best is not None and self.spec.objective.kind == "train" and state.promoted is None:
+            self._promote(best)
+        counts: dict[str, int] = {}
+        for t in state.trials.values():
+            counts[t.state] = counts.get(t.state, 0) + 1
+        best_rec = None
+        if best is not None:
+            best_rec = {
+                "trial": best.id,
+                "value": best.value,
+                "params": best.params,
+                "job_id": best.job_id,
+                "run_dir": best.run_dir,
+            }
+        self.journal.append(J.SEARCH_FINISHED, best=best_rec, cancelled=cancelled, counts=counts)
+        if best is not None:
+            params = _fmt_params(best.params)
+            self.echo(f"search finished: best trial {best.id} = {best.value:.6g} {params}")
+        else:
+            self.echo("search finished with no successful trial")
+        return self.state()
+
+    def _promote(self, best: TrialRecord) -> None:
+        """Alias ``best`` on the best trial's final model in the repository (train objective)."""
+        if not best.run_dir:
+            return
+        try:
+            result = fsutil.read_json(Path(best.run_dir) / RESULT_FILE)
+        except (OSError, ValueError):
+            self.echo(f"trial {best.id} left no {RESULT_FILE}: no model to promote")
+            return
+        ref = result.get("final_ref")
+        if not ref:
+            self.echo(f"trial {best.id} saved no final model: nothing to promote")
+            return
+        try:
+            config = fsutil.read_json(Path(best.run_dir) / "train.json")
+            repository = config.get("repository") or str(self.site.models_root)
+        except (OSError, ValueError):
+            repository = str(self.site.models_root)
+        try:
+            promoted = promote_best(repository, str(ref))
+        except Exception as exc:  # noqa: BLE001 - the search result stands without the alias
+            self.echo(f"promotion of {ref} failed: {exc}")
+            return
+        self.journal.append(J.MODEL_PROMOTED, trial=best.id, ref=str(ref), **promoted)
+        self.echo(f"promoted {promoted['model']}:{promoted['version']} to {promoted['model']}@best")
+
+    # ------------------------------------------------------------------------- lock & signals
+
+    def _take_lock(self) -> None:
+        holder = J.live_lock_holder(self.lock.path, DRIVER_STALE_S)
+        if holder is not None and holder.host == socket.gethostname():
+            raise ConflictError(
+                f"search {self.sdir.path} is being driven by {holder.describe()}; "
+                "use `aimass search status` to watch it"
+            )
+        try:
+            self.lock.acquire(timeout=DRIVER_STALE_S * 1.2)
+        except ConflictError as exc:
+            raise ConflictError(f"another driver holds this search: {exc}") from None
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        names = {"TERM", "INT", "HUP", self.site.preemption.signal.upper()}
+        for name in names:
+            sig = getattr(signal, f"SIG{name}", None)
+            if sig is None:
+                continue
+            try:
+                previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (tests running the driver in a thread)
+                return previous
+        return previous
+
+    def _restore_signals(self, previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signal.Signals(signum).name
+
+    def _maybe_requeue_self(self) -> None:
+        """Detached driver warned of its time limit: requeue its own job (it resumes)."""
+        job_id = os.environ.get("SLURM_JOB_ID")
+        warn = f"SIG{self.site.preemption.signal.upper()}"
+        if job_id and self._stop_signal == warn and os.environ.get("AIMASS_SEARCH_DRIVER"):
+            self.lock.release()
+            try:
+                self.scheduler.requeue(job_id)
+                self.echo(f"driver job {job_id} requeued")
+            except Exception as exc:  # noqa: BLE001
+                self.echo(f"could not requeue the driver job {job_id}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests (shared by the driver and --dry-run)
+
+
+def trial_payload(
+    spec: SearchSpec, sdir: SearchDir, trial_id: int, params: dict[str, Any], attempt: int
+) -> dict[str, Any]:
+    """What the trial's run directory records about it (spec.json)."""
+    return {
+        "search": {"name": spec.search.name, "dir": str(sdir.path), "metric": spec.search.metric},
+        "trial": trial_id,
+        "params": params,
+        "attempt": attempt,
+    }
+
+
+def _payload_trial(payload: Any) -> int | None:
+    """The trial id stored by :func:`trial_payload`, wherever submission nested it."""
+    if not isinstance(payload, dict):
+        return None
+    if "trial" in payload and isinstance(payload.get("search"), dict):
+        tid = payload["trial"]
+        return tid if isinstance(tid, int) else None
+    for value in payload.values():
+        found = _payload_trial(value)
+        if found is not None:
+            return found
+    return None
+
+
+def build_trial(
+    spec: SearchSpec, site: Site, sdir: SearchDir, trial_id: int, params: dict[str, Any]
+) -> tuple[JobRequest, dict[str, str]]:
+    """One trial's job request and the files its run directory gets (``params.json``, and
+    ``train.json`` for a training objective)."""
+    res = spec.trial
+    files = {PARAMS_FILE: json.dumps(params, indent=2, sort_keys=True) + "\n"}
+    env = {
+        **spec.objective.env,
+        "AIMASS_TRIAL_ID": str(trial_id),
+        "AIMASS_TRIAL_PARAMS": json.dumps(params, sort_keys=True),
+        "AIMASS_SEARCH_DIR": str(sdir.path),
+        "AIMASS_SEARCH_METRIC": spec.search.metric,
+    }
+    name = f"{spec.search.name}-t{trial_id:04d}"
+    if spec.objective.kind == "train":
+        # The training capability plans the job (backend, ranks, train.json); the trial only
+        # injects its params, renames it and adds its environment. kind stays "train" so
+        # train.j2 sets up the distributed world; preempted trials resume from checkpoints.
+        from aimass_hpc.train_spec import load_train_spec, plan_training
+
+        assert spec.train_spec_path is not None
+        train = load_train_spec(spec.train_spec_path, train_overrides(spec, params))
+        plan = plan_training(train, site)
+        files.update(plan.files())
+        request = plan.request.model_copy(
+            update={
+                "name": name,
+                "env": {**plan.request.env, **env},
+                "constraint": res.constraint or plan.request.constraint,
+                "template_vars": {
+                    **plan.request.template_vars,
+                    "trial_id": trial_id,
+                    "study": str(sdir.path),
+                },
+            }
+        )
+        return request, files
+    # trial.j2 exports AIMASS_TRIAL_ID and AIMASS_STUDY from template_vars itself
+    env.pop("AIMASS_TRIAL_ID")
+    command = format_command(
+        spec.objective.command or [], params, trial_id=trial_id, python=site.python
+    )
+    tasks = res.nodes * res.ntasks_per_node
+    request = JobRequest(
+        kind="trial",
+        name=name,
+        command=command,
+        env=env,
+        nodes=res.nodes,
+        ntasks_per_node=res.ntasks_per_node,
+        gpus_per_node=res.gpus_per_node,
+        cpus_per_task=res.cpus_per_task,
+        mem=res.mem,
+        time=res.time,
+        partition=res.partition or site.search.partition,
+        account=res.account,
+        qos=res.qos,
+        constraint=res.constraint,
+        requeue=res.requeue and site.preemption.max_restarts > 0,
+        launcher=res.launcher or ("none" if tasks == 1 else None),
+        workdir=str(spec.workdir),
+        template_vars={"trial_id": trial_id, "study": str(sdir.path)},
+    )
+    return request, files
+
+
+def driver_request(spec: SearchSpec, site: Site, sdir: SearchDir) -> JobRequest:
+    """The ``--detach`` job: one CPU running ``aimass search resume DIR`` beside the trials."""
+    drv = spec.driver
+    partition = drv.partition or site.search.partition
+    time_limit = drv.time
+    if time_limit is None:
+        # As long as the partition allows: the driver outlives the trials. On the warning
+        # signal before the limit it requeues itself and resumes from the journal.
+        part = site.partition(partition)
+        time_limit = part.max_time if part.max_seconds is not None else "7-00:00:00"
+    return JobRequest(
+        kind="job",
+        name=f"{spec.search.name}-driver",
+        command=[site.python, "-m", "aimass_hpc", "search", "resume", str(sdir.path)],
+        env={"AIMASS_SEARCH_DRIVER": "1", "OMP_NUM_THREADS": "1"},
+        nodes=1,
+        ntasks_per_node=1,
+        cpus_per_task=1,
+        mem=drv.mem,
+        time=time_limit,
+        partition=partition,
+        account=drv.account,
+        qos=drv.qos,
+        requeue=site.preemption.max_restarts > 0,
+        launcher="none",
+        workdir=str(sdir.path),
+    )
+
+
+def promote_best(repository: str | os.PathLike[str], ref: str) -> dict[str, Any]:
+    """Point alias ``best`` at model version ``ref`` (``name:number``) in ``repository``."""
+    from aimass_hpc.repo import ModelRepository
+
+    name = re.split(r"[:@]", ref, maxsplit=1)[0]
+    version = ModelRepository(repository).promote(name, ref, "best")
+    return {"model": version.name, "version": version.number, "alias": "best"}
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    parts = []
+    for k, v in params.items():
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)

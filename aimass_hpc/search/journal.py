@@ -1,0 +1,648 @@
+"""The search journal: an append-only JSON-lines log on the shared filesystem.
+
+Why not SQLite: its locking is unreliable on NFS/Lustre. A journal of small JSON records, one
+line each, written under a lock file and fsynced, is safe there and easy to read by hand.
+
+Writers take :class:`FileLock` (a lock file created with ``O_CREAT|O_EXCL``, holding the holder's
+host, pid and time), append one line, fsync, close and release. Closing before release matters on
+NFS: close-to-open consistency means the next writer sees the new size. A lock whose holder died
+(same host: the pid is gone) or that has not changed for ``stale_after`` seconds is broken under
+a second O_EXCL *takeover marker*, so two waiters never both break it and never remove a fresh
+lock. Readers need no lock: they take only complete lines and skip a torn line left by a crash.
+
+Replaying the records (:func:`replay`) yields the whole search state; the driver writes a record
+*before* it acts (propose -> journal -> submit -> journal the job id) so a kill between any two
+steps is recoverable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aimass_hpc.errors import ConflictError, IntegrityError
+
+log = logging.getLogger(__name__)
+
+JOURNAL_NAME = "journal.jsonl"
+
+# Record types, in the order a trial usually sees them.
+SEARCH_CREATED = "search_created"
+DRIVER_SUBMITTED = "driver_submitted"  # --detach: the driver's own job
+DRIVER_STARTED = "driver_started"
+TRIAL_PROPOSED = "trial_proposed"
+TRIAL_SUBMITTED = "trial_submitted"
+TRIAL_RUNNING = "trial_running"
+TRIAL_FINISHED = "trial_finished"
+TRIAL_FAILED = "trial_failed"
+TRIAL_PRUNED = "trial_pruned"
+TRIAL_LOST = "trial_lost"
+TRIAL_CANCELLED = "trial_cancelled"
+CANCEL_REQUESTED = "cancel_requested"
+MODEL_PROMOTED = "model_promoted"
+SEARCH_FINISHED = "search_finished"
+
+RECORD_TYPES = frozenset(
+    {
+        SEARCH_CREATED,
+        DRIVER_SUBMITTED,
+        DRIVER_STARTED,
+        TRIAL_PROPOSED,
+        TRIAL_SUBMITTED,
+        TRIAL_RUNNING,
+        TRIAL_FINISHED,
+        TRIAL_FAILED,
+        TRIAL_PRUNED,
+        TRIAL_LOST,
+        TRIAL_CANCELLED,
+        CANCEL_REQUESTED,
+        MODEL_PROMOTED,
+        SEARCH_FINISHED,
+    }
+)
+
+# Trial states after replay. Terminal states never change again: the first terminal record wins,
+# so a late or repeated record (a job adopted twice, an orphan finishing) cannot rewrite history.
+PROPOSED = "proposed"  # journaled, not (known to be) submitted yet
+SUBMITTED = "submitted"  # has a job id; pending or running in the scheduler
+RUNNING = "running"
+LOST = "lost"  # its job vanished or was preempted without requeue; to be resubmitted
+FINISHED = "finished"
+FAILED = "failed"
+PRUNED = "pruned"
+CANCELLED = "cancelled"
+TERMINAL_STATES = frozenset({FINISHED, FAILED, PRUNED, CANCELLED})
+ACTIVE_STATES = frozenset({PROPOSED, SUBMITTED, RUNNING, LOST})
+
+_HOST = socket.gethostname()
+
+
+# ---------------------------------------------------------------------------------------------
+# Lock files
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a lock file, as written inside it."""
+
+    host: str
+    pid: int
+    start: int | None  # process start time in clock ticks (Linux), guards against pid reuse
+    time: float
+    token: str
+    purpose: str = ""
+
+    def describe(self) -> str:
+        age = max(0.0, time.time() - self.time)
+        what = f" ({self.purpose})" if self.purpose else ""
+        return f"pid {self.pid} on {self.host}{what}, taken {age:.0f}s ago"
+
+
+def _proc_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot, or None where /proc is unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may contain spaces and parentheses.
+    rest = stat.rsplit(")", 1)[-1].split()
+    try:
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int, start: int | None) -> bool:
+    """Whether process ``pid`` (started at ``start`` ticks, when known) still exists here."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    if start is not None:
+        now_start = _proc_start(pid)
+        if now_start is not None and now_start != start:
+            return False  # the pid was reused by another process
+    return True
+
+
+def live_lock_holder(path: str | os.PathLike[str], stale_after: float) -> LockHolder | None:
+    """The holder of lock ``path`` if it looks alive: its pid exists (same host) or the lock
+    was refreshed within ``stale_after`` seconds (another host); else None."""
+    holder = read_lock_holder(path)
+    if holder is None:
+        return None
+    if holder.host == _HOST:
+        return holder if pid_alive(holder.pid, holder.start) else None
+    try:
+        fresh = time.time() - os.stat(path).st_mtime < stale_after
+    except FileNotFoundError:
+        return None
+    return holder if fresh else None
+
+
+def read_lock_holder(path: str | os.PathLike[str]) -> LockHolder | None:
+    """The holder recorded in lock file ``path``; None when absent, empty or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.loads(fh.read())
+        return LockHolder(
+            host=str(raw["host"]),
+            pid=int(raw["pid"]),
+            start=raw.get("start"),
+            time=float(raw["time"]),
+            token=str(raw["token"]),
+            purpose=str(raw.get("purpose", "")),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class FileLock:
+    """A lock file created with O_EXCL, safe on NFS/Lustre, with stale-lock recovery.
+
+    ``stale_after``: a lock whose file has not changed for this long (by its mtime, and by what
+    this process has watched) is presumed abandoned; a holder on this host whose pid is gone is
+    abandoned at once. Long holders call :meth:`refresh` (a heartbeat) well within that time.
+    ``timeout``: how long :meth:`acquire` waits before raising :class:`ConflictError`;
+    None waits forever.
+    """
+
+    TAKEOVER_STALE_S = 10.0  # breaking a lock takes milliseconds; a marker older than this died
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        stale_after: float = 30.0,
+        timeout: float | None = 120.0,
+        purpose: str = "",
+    ) -> None:
+        self.path = Path(path)
+        self.stale_after = stale_after
+        self.timeout = timeout
+        self.purpose = purpose
+        self._token: str | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock (as far as it knows)."""
+        return self._token is not None
+
+    def acquire(self, timeout: float | None = None, *, blocking: bool = True) -> None:
+        """Take the lock, waiting up to ``timeout`` (default: the constructor's)."""
+        if self._token is not None:
+            raise RuntimeError(f"lock {self.path} is already held by this object")
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.002
+        # What we saw of the current lock and since when (local monotonic clock): a lock file
+        # unchanged for stale_after seconds is stale even if the clocks of the hosts disagree.
+        seen: tuple[Any, ...] | None = None
+        seen_since = time.monotonic()
+        while True:
+            token = uuid.uuid4().hex
+            if self._try_create(token):
+                self._token = token
+                return
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                continue  # released between our attempt and the stat: try again at once
+            holder = read_lock_holder(self.path)
+            ident = (st.st_ino, st.st_mtime_ns, holder.token if holder else None)
+            if ident != seen:
+                seen, seen_since = ident, time.monotonic()
+            reason = self._stale_reason(holder, st, time.monotonic() - seen_since)
+            if reason is not None and self._break(ident, reason):
+                continue
+            if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                who = holder.describe() if holder else "an unknown holder"
+                raise ConflictError(f"lock {self.path} is held by {who}")
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.25)
+
+    def _try_create(self, token: str) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        payload = {
+            "host": _HOST,
+            "pid": os.getpid(),
+            "start": _proc_start(os.getpid()),
+            "time": time.time(),
+            "token": token,
+            "purpose": self.purpose,
+        }
+        try:
+            os.write(fd, json.dumps(payload).encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _stale_reason(
+        self, holder: LockHolder | None, st: os.stat_result, watched_s: float
+    ) -> str | None:
+        if holder is not None and holder.host == _HOST and not pid_alive(holder.pid, holder.start):
+            return f"holder pid {holder.pid} is gone"
+        # A live holder on this host is never stale: it could be slow, not dead.
+        if holder is not None and holder.host == _HOST:
+            return None
+        age = time.time() - st.st_mtime
+        if age > self.stale_after or watched_s > self.stale_after:
+            who = holder.describe() if holder else "an empty lock file"
+            return f"unchanged for {max(age, watched_s):.0f}s ({who})"
+        return None
+
+    def _break(self, ident: tuple[Any, ...], reason: str) -> bool:
+        """Remove the stale lock ``ident`` under a takeover marker; True when it was removed."""
+        marker = self.path.with_name(self.path.name + ".takeover")
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            # Someone else is breaking it. A marker left by a breaker that died is removed.
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(marker).st_mtime > self.TAKEOVER_STALE_S:
+                    os.unlink(marker)
+            return False
+        os.close(fd)
+        try:
+            # Re-check under the marker: only the very lock judged stale may be removed.
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                return True
+            holder = read_lock_holder(self.path)
+            if (st.st_ino, st.st_mtime_ns, holder.token if holder else None) != ident:
+                return False
+            log.warning("breaking stale lock %s: %s", self.path, reason)
+            return _remove_lock_file(self.path, ident[2])
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marker)
+
+    def refresh(self) -> None:
+        """Heartbeat for a long holder: touch the lock so waiters do not think it stale."""
+        if self._token is None:
+            raise RuntimeError(f"lock {self.path} is not held")
+        holder = read_lock_holder(self.path)
+        if holder is None or holder.token != self._token:
+            self._token = None
+            raise ConflictError(f"lock {self.path} was taken over by another process")
+        os.utime(self.path)
+
+    def release(self) -> None:
+        """Give the lock back. Never removes a lock that another process has taken over."""
+        token, self._token = self._token, None
+        if token is None:
+            return
+        if not _remove_lock_file(self.path, token):
+            log.warning("lock %s was taken over before release", self.path)
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _remove_lock_file(path: Path, token: str | None) -> bool:
+    """Remove lock ``path`` if it still carries ``token``; True when removed (or gone).
+
+    Rename first, then look at what was moved: if another process took the lock in between,
+    its file is linked back (``link`` fails rather than overwrite a newer lock).
+    """
+    grave = path.with_name(f"{path.name}.{uuid.uuid4().hex}.released")
+    try:
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return True
+    moved = read_lock_holder(grave)
+    moved_token = moved.token if moved else None
+    if moved_token != token:
+        with contextlib.suppress(FileExistsError):
+            os.link(grave, path)
+        os.unlink(grave)
+        return False
+    os.unlink(grave)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The journal file
+
+
+class Journal:
+    """An append-only JSON-lines journal at ``path`` with a sibling lock file.
+
+    Every record gets ``type``, ``time`` (epoch seconds) and ``seq`` (its index among the valid
+    records, assigned under the lock, so a replay can spot a gap).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lock_stale_after: float = 30.0,
+        lock_timeout: float | None = 120.0,
+    ) -> None:
+        self.path = Path(path)
+        self.lock = FileLock(
+            self.path.with_name(self.path.name + ".lock"),
+            stale_after=lock_stale_after,
+            timeout=lock_timeout,
+            purpose="journal append",
+        )
+        # Incremental reader: bytes consumed so far and the records they held.
+        self._offset = 0
+        self._records: list[dict[str, Any]] = []
+
+    @classmethod
+    def in_dir(cls, directory: str | os.PathLike[str], **kwargs: Any) -> Journal:
+        """The journal of a search directory."""
+        return cls(Path(directory) / JOURNAL_NAME, **kwargs)
+
+    def exists(self) -> bool:
+        """Whether the journal file exists."""
+        return self.path.exists()
+
+    def append(self, type: str, **fields: Any) -> dict[str, Any]:
+        """Append one record under the lock (fsynced before return); returns the record."""
+        return self.append_many([{"type": type, **fields}])[0]
+
+    def append_many(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append several records in one locked write; returns them with ``seq``/``time``."""
+        for rec in records:
+            if rec.get("type") not in RECORD_TYPES:
+                raise ValueError(f"unknown journal record type {rec.get('type')!r}")
+        with self.lock:
+            self._catch_up()
+            now = time.time()
+            out = []
+            for i, rec in enumerate(records):
+                # seq is assigned here, never taken from the caller
+                full = {"time": now, **rec, "seq": len(self._records) + i}
+                out.append(full)
+            data = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in out)
+            self._write_locked(data.encode("utf-8"))
+            self._catch_up()
+        return out
+
+    def _write_locked(self, data: bytes) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                # A writer killed mid-line left a torn tail: end it so our record starts on a
+                # line of its own (readers skip the torn fragment).
+                last = os.pread(fd, 1, size - 1)
+                if last != b"\n":
+                    data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _catch_up(self) -> None:
+        """Read the complete lines appended since the last read."""
+        try:
+            fh = open(self.path, "rb")  # noqa: SIM115 - closed below, seek needs the handle
+        except FileNotFoundError:
+            return
+        with fh:
+            fh.seek(self._offset)
+            chunk = fh.read()
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return  # nothing complete yet (or a writer is mid-line)
+        for raw in chunk[: end + 1].splitlines():
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                rec = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                log.warning("journal %s: skipping a torn record", self.path)
+                continue
+            if isinstance(rec, dict):
+                self._records.append(rec)
+        self._offset += end + 1
+
+    def records(self) -> list[dict[str, Any]]:
+        """All complete records so far (a torn last line is skipped)."""
+        self._catch_up()
+        return list(self._records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records())
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay
+
+
+@dataclass
+class TrialRecord:
+    """One trial as the journal tells it."""
+
+    id: Any
+    params: dict[str, Any]
+    state: str = PROPOSED
+    job_id: str | None = None
+    run_dir: str | None = None
+    attempts: int = 0  # submissions so far (a lost trial is resubmitted under the same id)
+    job_ids: list[str] = field(default_factory=list)
+    value: float | None = None
+    reason: str | None = None
+    proposed_at: float | None = None
+    submitted_at: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    pruned_step: int | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the trial has reached its final state."""
+        return self.state in TERMINAL_STATES
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from start (or submission) to end; None while unknown."""
+        begin = self.started_at or self.submitted_at
+        if begin is None:
+            return None
+        if self.ended_at is None:
+            return None
+        return max(0.0, self.ended_at - begin)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able view (for ``aimass search status --json``)."""
+        return {
+            "id": self.id,
+            "params": self.params,
+            "state": self.state,
+            "value": self.value,
+            "job_id": self.job_id,
+            "job_ids": self.job_ids,
+            "run_dir": self.run_dir,
+            "attempts": self.attempts,
+            "reason": self.reason,
+            "duration_s": self.duration,
+            "proposed_at": self.proposed_at,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+        }
+
+
+@dataclass
+class SearchState:
+    """The whole search as replayed from its journal."""
+
+    spec: dict[str, Any] | None = None
+    created_at: float | None = None
+    trials: dict[Any, TrialRecord] = field(default_factory=dict)  # in proposal order
+    cancel_requested: bool = False
+    finished: bool = False
+    best: dict[str, Any] | None = None
+    promoted: dict[str, Any] | None = None
+    drivers: list[dict[str, Any]] = field(default_factory=list)
+    driver_jobs: list[dict[str, Any]] = field(default_factory=list)
+    last_seq: int = -1
+
+    @property
+    def n_proposed(self) -> int:
+        """Trials proposed so far (counts toward the budget)."""
+        return len(self.trials)
+
+    def by_state(self, *states: str) -> list[TrialRecord]:
+        """Trials currently in any of ``states``, in proposal order."""
+        return [t for t in self.trials.values() if t.state in states]
+
+    @property
+    def active(self) -> list[TrialRecord]:
+        """Trials not yet in a terminal state."""
+        return self.by_state(*ACTIVE_STATES)
+
+    def best_trial(self, direction: str) -> TrialRecord | None:
+        """The finished trial with the best value (ties: the earliest)."""
+        done = [t for t in self.trials.values() if t.state == FINISHED and t.value is not None]
+        if not done:
+            return None
+        sign = 1.0 if direction == "minimize" else -1.0
+        return min(done, key=lambda t: sign * float(t.value))  # type: ignore[arg-type]
+
+
+def replay(records: list[dict[str, Any]]) -> SearchState:
+    """Rebuild the search state from journal records (pure; order = journal order)."""
+    st = SearchState()
+    for rec in records:
+        kind = rec.get("type")
+        st.last_seq = max(st.last_seq, int(rec.get("seq", st.last_seq)))
+        when = rec.get("time")
+        if kind == SEARCH_CREATED:
+            if st.spec is None:
+                st.spec = rec.get("spec")
+                st.created_at = when
+            continue
+        if kind == DRIVER_SUBMITTED:
+            st.driver_jobs.append({k: v for k, v in rec.items() if k not in ("type", "seq")})
+            continue
+        if kind == DRIVER_STARTED:
+            st.drivers.append({k: v for k, v in rec.items() if k not in ("type", "seq")})
+            continue
+        if kind == CANCEL_REQUESTED:
+            st.cancel_requested = True
+            continue
+        if kind == MODEL_PROMOTED:
+            st.promoted = {k: v for k, v in rec.items() if k not in ("type", "seq")}
+            continue
+        if kind == SEARCH_FINISHED:
+            st.finished = True
+            st.best = rec.get("best")
+            continue
+        if kind == TRIAL_PROPOSED:
+            tid = rec["trial"]
+            if tid in st.trials:
+                log.warning("journal: trial %s proposed twice; keeping the first", tid)
+                continue
+            st.trials[tid] = TrialRecord(id=tid, params=dict(rec.get("params") or {}))
+            st.trials[tid].proposed_at = when
+            continue
+        tid = rec.get("trial")
+        trial = st.trials.get(tid)
+        if trial is None:
+            raise IntegrityError(
+                f"journal record {rec.get('seq')} ({kind}) names unknown trial {tid!r}"
+            )
+        if trial.terminal:
+            continue  # first terminal record wins
+        if kind == TRIAL_SUBMITTED:
+            trial.state = SUBMITTED
+            trial.job_id = str(rec["job_id"])
+            trial.job_ids.append(trial.job_id)
+            trial.run_dir = rec.get("run_dir", trial.run_dir)
+            trial.attempts += 1
+            trial.submitted_at = when
+            trial.started_at = None
+        elif kind == TRIAL_RUNNING:
+            if trial.state == SUBMITTED and str(rec.get("job_id")) == trial.job_id:
+                trial.state = RUNNING
+                trial.started_at = rec.get("started_at", when)
+        elif kind == TRIAL_LOST:
+            trial.state = LOST
+            trial.reason = rec.get("reason")
+        elif kind in (TRIAL_FINISHED, TRIAL_FAILED, TRIAL_PRUNED, TRIAL_CANCELLED):
+            trial.state = {
+                TRIAL_FINISHED: FINISHED,
+                TRIAL_FAILED: FAILED,
+                TRIAL_PRUNED: PRUNED,
+                TRIAL_CANCELLED: CANCELLED,
+            }[kind]
+            trial.value = rec.get("value")
+            trial.reason = rec.get("reason")
+            trial.ended_at = rec.get("ended_at", when)
+            if rec.get("started_at") is not None:
+                trial.started_at = rec["started_at"]
+            if kind == TRIAL_PRUNED:
+                trial.pruned_step = rec.get("step")
+    return st
+
+
+def ensure_new_trial_id(state: SearchState, trial_id: Any) -> None:
+    """Refuse a trial id the journal already knows (a trial is never duplicated)."""
+    if trial_id in state.trials:
+        raise ConflictError(f"trial {trial_id!r} is already in the journal")
+
+
+__all__ = [
+    "FileLock",
+    "Journal",
+    "LockHolder",
+    "SearchState",
+    "TrialRecord",
+    "live_lock_holder",
+    "pid_alive",
+    "read_lock_holder",
+    "replay",
+]
