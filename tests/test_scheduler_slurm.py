@@ -306,3 +306,24 @@ def test_adversarial_values_reach_a_multi_node_job_byte_for_byte(cluster, tmp_pa
         [workdir.name, site.runs_root.name, "site-dev.toml"]
     )
     assert sub.run_dir.batch_logs()  # Slurm's own output file landed in the odd path too
+
+
+def test_a_job_whose_id_was_never_recorded_is_found_by_its_run_dir(cluster, dev_site):  # noqa: F811
+    """The submitter dies while sbatch runs: the job is queued, its id is recorded nowhere."""
+    from aimass_hpc.scheduler.slurm import SlurmScheduler
+
+    class DiesAfterSbatch(SlurmScheduler):
+        def submit(self, *args, **kwargs):
+            self.queued = super().submit(*args, **kwargs)
+            raise KeyboardInterrupt  # stands in for SIGKILL: nothing after sbatch runs
+
+    dying = DiesAfterSbatch()
+    with pytest.raises(KeyboardInterrupt):
+        submit(dev_site, _req(name="orphan", command=["sleep", "30"]), scheduler=dying)
+    orphan_dir = max(dev_site.runs_root.iterdir(), key=lambda p: p.stat().st_mtime)
+    sched = get_scheduler(dev_site)
+    try:
+        assert sched.find_jobs_for_run(orphan_dir) == [dying.queued]
+        assert sched.find_jobs_for_run(dev_site.runs_root) == []
+    finally:
+        sched.cancel([dying.queued])

@@ -154,6 +154,14 @@ class Scheduler(ABC):
     def requeue(self, job_id: str) -> None:
         """Put a job back in the queue (it keeps its id; ``restart_count`` goes up)."""
 
+    def find_jobs_for_run(self, run_dir: str | os.PathLike[str]) -> list[str]:
+        """Ids of queued or recent jobs whose batch script is ``run_dir``'s script.
+
+        Recovers a submission whose id was never recorded (the submitter was killed while
+        sbatch ran). Backends that cannot tell return an empty list.
+        """
+        return []
+
     def check_request(self, request: Any) -> None:  # noqa: B027 - optional hook
         """Refuse a (resolved) request this backend cannot run; InputError naming the field."""
 

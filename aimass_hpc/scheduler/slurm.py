@@ -224,6 +224,23 @@ class SlurmScheduler(Scheduler):
             )
         return rows
 
+    def find_jobs_for_run(self, run_dir: str | os.PathLike[str]) -> list[str]:
+        """One squeue call: jobs whose command (%o, the batch script) lies in ``run_dir``."""
+        user = pwd.getpwuid(os.getuid()).pw_name
+        argv = ["squeue", f"--user={user}", "--states=all", "--noheader", "-o", "%i|%o"]
+        proc = self.runner(argv, env=submission_env())
+        if proc.returncode != 0:
+            raise SchedulerError(f"squeue failed: {_error_line(proc.stderr, proc.stdout)}")
+        wanted = Path(run_dir).resolve()
+        found: list[str] = []
+        for line in proc.stdout.splitlines():
+            job_id, _, command = line.partition("|")
+            if command and Path(command.strip()).parent == wanted:
+                base_id = job_id.strip().split("_", 1)[0]
+                if base_id not in found:
+                    found.append(base_id)
+        return found
+
     def _sacct(self, ids: list[str]) -> dict[str, JobStatus]:
         """Accounting records for ids the controller no longer knows (one call)."""
         wanted = [i for i in ids if _JOB_ID_RE.match(i)]

@@ -574,15 +574,20 @@ class SearchDriver:
             if str(entry) in known or not (entry / PARAMS_FILE).is_file():
                 continue
             run = RunDir(entry)
-            job_id = run.job_id
-            if not job_id:
-                continue
             try:
                 payload = run.read_spec()
             except (OSError, ValueError):
                 continue
             if _payload_trial(payload) != t.id:
                 continue
+            job_id = run.job_id
+            if not job_id:
+                # Killed while sbatch ran: the job may be queued with its id recorded nowhere.
+                found = self.scheduler.find_jobs_for_run(entry)
+                if not found:
+                    continue
+                job_id = found[-1]
+                run.update_state(job_id=job_id)
             self.journal.append(
                 J.TRIAL_SUBMITTED,
                 trial=t.id,

@@ -1,10 +1,11 @@
-"""A small Gaussian process for mixed numeric/categorical inputs (numpy only).
+"""A small Gaussian process for mixed numeric/categorical inputs (numpy + scipy.optimize).
 
 Used by ``MCTSSampler`` as the local model inside a chosen region. Kept deliberately small:
 Matern-5/2 kernel with one lengthscale per numeric dimension and one per categorical parameter
-(a mismatch counts as distance one, scaled), a constant zero mean on rank-Gaussianised targets,
-hyperparameters fitted by a fixed number of Adam steps on the log marginal posterior from a
-fixed start, so the fit is a deterministic function of the data (journal replay relies on it).
+(a mismatch counts as distance one, scaled), a zero mean on standardised targets (``power``,
+``standard`` or ``copula``), and MAP hyperparameters (dimension-scaled log-normal lengthscale
+prior, a lengthscale floor) found by L-BFGS-B from fixed starts with a capped number of
+evaluations, so the fit is a deterministic function of the data (journal replay relies on it).
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ codes, NaN for inactive parameters):
    which flattens the improvement around them; candidates whose uncertainty is mostly
    explained by pending trials, or that lie within ``min_gap`` of one, are skipped. A batch of
    8 is 8 different points even once the model is sure where the optimum is.
+6. **Noisy objectives** (fitted noise above ``noisy`` x signal variance, e.g. a CV score on a
+   small data set): candidates within ``done_gap`` of a finished trial are skipped too, since
+   re-measuring next to it mostly re-measures the noise; without this the search can settle on
+   a lucky corner.
 
 Integers are rounded and conditionals resolved before a candidate is scored (``Space.canonical``),
 so the model sees exactly the points that will run; exact repeats of trials held are skipped.
@@ -144,6 +148,8 @@ class MCTSSampler(Sampler):
     ``min_ls``: lengthscale floor factor (times the data spacing ``n ** (-1/d)``).
     ``redundancy``: skip candidates whose predictive sd pending trials cut below this factor.
     ``min_gap``: smallest distance (unit cube) between a proposal and a pending trial.
+    ``done_gap``: smallest distance to a finished trial once the objective looks noisy (fitted
+    noise above ``noisy`` times the signal variance).
     """
 
     def __init__(
@@ -167,6 +173,8 @@ class MCTSSampler(Sampler):
         redundancy: float = 0.5,
         min_gap: float = 0.01,
         fit_points: int = 40,
+        done_gap: float = 0.1,
+        noisy: float = 0.1,
     ) -> None:
         super().__init__(space, seed=seed, direction=direction)
         d = len(space)
@@ -186,6 +194,7 @@ class MCTSSampler(Sampler):
         self.redundancy = float(redundancy)
         self.min_gap = float(min_gap)
         self.fit_points = int(fit_points)
+        self.done_gap, self.noisy = float(done_gap), float(noisy)
         self._enc: dict[int, np.ndarray] = {}
         self._held: dict[int, float] = {}  # trial id -> hash of its encoded point
         self._hash_w = np.random.default_rng(0x5EED).random(len(space)) + 0.5
@@ -499,6 +508,11 @@ class MCTSSampler(Sampler):
         # no further improvement.
         best = float(np.min(gp.predict(*self._features(held))[0]))
         score = log_ei(mu, sd, best)
+        if self.done_gap > 0 and gp.noise > self.noisy * gp.scale:
+            # Noisy objective: re-measuring right next to a finished trial teaches little.
+            far = self._min_dist(cands, model.x[rows]) >= self.done_gap
+            if far.any():
+                score = np.where(far, score, -np.inf)
         if len(pend):
             # A candidate whose uncertainty is mostly explained by pending trials would mostly
             # repeat them: skip it (this keeps a batch spread out once the model is sure).
