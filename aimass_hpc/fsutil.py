@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,31 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
             os.unlink(tmp)
         raise
     fsync_dir(target.parent)
+
+
+def publish_file(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Write a whole file through ``write(tmp)`` and publish it at ``path`` atomically.
+
+    The temp file is ``.NAME.tmp-PID-HEX`` beside the target (the name the model repository's
+    gc recognises as a dead writer's leftover); it is fsynced, renamed over ``path``, and the
+    directory is fsynced. On any failure the temp file is removed and nothing is published.
+    """
+    target = Path(path)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(target.parent)
+    return target
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int = 0o644) -> None:

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from aimass_hpc.cli._output import echo_dry_run
 from aimass_hpc.errors import InputError, NotFoundError
 from aimass_hpc.runs import RunDir, find_run, list_runs
 from aimass_hpc.runtime.metrics import summarize
@@ -131,10 +132,7 @@ def submit(
             site_obj, path, name=name, sbatch_args=list(sbatch_args), dry_run=dry_run
         )
     if dry_run:
-        if as_json:
-            click.echo(json.dumps({**sub.to_dict(), "script": sub.script}, indent=2))
-        else:
-            click.echo(sub.script, nl=False)
+        echo_dry_run(sub.to_dict(), sub.script, as_json)
         return
     if not wait_:
         if as_json:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from aimass_hpc.cli._output import echo_dry_run
 from aimass_hpc.errors import InputError
 
 site_option = click.option(
@@ -115,10 +116,7 @@ def start(
     sub = start_service(site, opts, dry_run=dry_run)
     summary: dict[str, Any] = {**sub.to_dict(), "model": ref, "replicas": replicas}
     if dry_run:
-        if as_json:
-            click.echo(json.dumps({**summary, "script": sub.script}, indent=2))
-        else:
-            click.echo(sub.script, nl=False)
+        echo_dry_run(summary, sub.script, as_json)
         return
     console = Console(stderr=as_json)
     console.print(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from aimass_hpc.cli._output import echo_dry_run
 from aimass_hpc.errors import InputError
 
 if TYPE_CHECKING:
@@ -84,10 +85,7 @@ def train(
         "repository": plan.config.repository,
     }
     if dry_run:
-        if as_json:
-            click.echo(json.dumps({**summary, "script": sub.script}, indent=2))
-        else:
-            click.echo(sub.script, nl=False)
+        echo_dry_run(summary, sub.script, as_json)
         return
     from rich.console import Console  # only when printing: it is slow to import
 

@@ -7,15 +7,13 @@ Imports of torch files use ``weights_only=True`` (plus numpy arrays): no arbitra
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from aimass_hpc.errors import ConflictError, InputError, NotFoundError
-from aimass_hpc.fsutil import fsync_dir
+from aimass_hpc.fsutil import publish_file
 from aimass_hpc.repo import h5format
 from aimass_hpc.repo.codec import encode_sections
 from aimass_hpc.repo.records import Checkpoint
@@ -30,21 +28,7 @@ def _atomic(target: Path, overwrite: bool, write: Callable[[Path], None]) -> Pat
         raise ConflictError(f"{target} exists; choose another path or overwrite it explicitly")
     if not target.parent.is_dir():
         raise NotFoundError(f"directory {target.parent} does not exist")
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(target.parent)
-    return target
+    return publish_file(target, write)
 
 
 def _untied(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aimass_hpc.errors import ConflictError, InputError, IntegrityError, NotFoundError
-from aimass_hpc.fsutil import atomic_write_json, fsync_dir, read_json
+from aimass_hpc.fsutil import atomic_write_json, fsync_dir, publish_file, read_json
 from aimass_hpc.repo import h5format, metadata
 from aimass_hpc.repo.codec import TensorPool, encode_sections
 from aimass_hpc.repo.layout import ModelDir, ensure_repo, hidden_version, writer_alive
@@ -272,15 +272,12 @@ class ModelRepository:
         target = md.shard_dir(key) / _shard_file(rank, world_size)
         with os_errors(f"saving shard {rank} of model {name}"):
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-            try:
-                h5format.write_file(tmp, pool=pool, trees=trees, metadata=meta, alignment=alignment)
-                os.rename(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
-            fsync_dir(target.parent)
+            publish_file(
+                target,
+                lambda tmp: h5format.write_file(
+                    tmp, pool=pool, trees=trees, metadata=meta, alignment=alignment
+                ),
+            )
         return target
 
     def commit_shards(self, name: str, key: str, *, world_size: int, **kwargs: Any) -> Version:
