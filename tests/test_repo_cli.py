@@ -200,6 +200,12 @@ def _cli_as_other_user(argv: list[str], err_path: Path) -> None:
     """Forked child: become a user without write access (nobody, if we are root), run the CLI."""
     err = open(err_path, "w")  # noqa: SIM115 - opened before dropping privileges
     sys.stdout = sys.stderr = err
+    # Import what the command loads lazily while we may still read the checkout: a clone made
+    # in a private directory (mktemp -d is mode 0700) is unreadable to nobody.
+    import aimass_hpc.cli.models  # noqa: F401
+    import aimass_hpc.repo.portable  # noqa: F401
+
+    torch.load(argv[-2], map_location="cpu", weights_only=True)
     if os.geteuid() == 0:
         os.setgid(65534)
         os.setuid(65534)

@@ -61,11 +61,20 @@ def parse_time(value: Any, what: str = "time") -> float:
 
 
 def git_commit(start: Path | None = None) -> str | None:
-    """The commit of the git checkout containing ``start`` (cwd), read without running git."""
+    """The commit of the git checkout containing ``start`` (cwd), read without running git.
+
+    Best effort: a directory we may not read (another user's checkout) means "unknown".
+    """
     env = os.environ.get("AIMASS_GIT_COMMIT") or os.environ.get("GIT_COMMIT")
     if env:
         return env
-    here = (start or Path.cwd()).resolve()
+    try:
+        return _git_commit_of((start or Path.cwd()).resolve())
+    except OSError:
+        return None
+
+
+def _git_commit_of(here: Path) -> str | None:
     for d in (here, *here.parents):
         git = d / ".git"
         if git.is_file():  # worktree / submodule: "gitdir: <path>"

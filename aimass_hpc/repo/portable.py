@@ -126,7 +126,8 @@ def _read_torch(path: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
         np.dtypes.Float32DType,
         np.dtypes.UInt8DType,
     ]
-    reconstruct = getattr(np, "_core", np.core).multiarray._reconstruct
+    # np.core only on numpy 1.x: touching it on numpy 2 imports a deprecated shim.
+    reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
     try:
         with torch.serialization.safe_globals([reconstruct, *safe]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
