@@ -327,3 +327,20 @@ def test_a_job_whose_id_was_never_recorded_is_found_by_its_run_dir(cluster, dev_
         assert sched.find_jobs_for_run(dev_site.runs_root) == []
     finally:
         sched.cancel([dying.queued])
+
+
+def test_a_finished_job_is_found_by_its_run_dir_in_accounting(cluster, dev_site):  # noqa: F811
+    """squeue forgets ended jobs after MinJobAge; sacct still knows where they ran."""
+    from aimass_hpc.scheduler.slurm import SlurmScheduler
+
+    sub = submit(dev_site, _req(name="gone", command=["true"]))
+    sched = SlurmScheduler()
+    assert sched.wait([sub.job_id], timeout=WAIT)[sub.job_id].state is JobState.COMPLETED
+    deadline = time.monotonic() + 30  # slurmdbd records the job a moment after it ends
+    while time.monotonic() < deadline:
+        found = sched.jobs_in_accounting(sub.run_dir.path.resolve())
+        if found:
+            break
+        time.sleep(0.5)
+    assert found == [sub.job_id]
+    assert sched.jobs_in_accounting(dev_site.runs_root.resolve()) == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -225,7 +226,11 @@ class SlurmScheduler(Scheduler):
         return rows
 
     def find_jobs_for_run(self, run_dir: str | os.PathLike[str]) -> list[str]:
-        """One squeue call: jobs whose command (%o, the batch script) lies in ``run_dir``."""
+        """Jobs whose batch script lies in ``run_dir``: squeue first, then accounting.
+
+        squeue forgets a finished job after MinJobAge (300 s by default), so a driver that
+        was down longer than that finds the job in sacct (by its working directory).
+        """
         user = pwd.getpwuid(os.getuid()).pw_name
         argv = ["squeue", f"--user={user}", "--states=all", "--noheader", "-o", "%i|%o"]
         proc = self.runner(argv, env=submission_env())
@@ -236,9 +241,33 @@ class SlurmScheduler(Scheduler):
         for line in proc.stdout.splitlines():
             job_id, _, command = line.partition("|")
             if command and Path(command.strip()).parent == wanted:
-                base_id = job_id.strip().split("_", 1)[0]
-                if base_id not in found:
-                    found.append(base_id)
+                _add_base_id(found, job_id)
+        return found or self.jobs_in_accounting(wanted, user=user)
+
+    def jobs_in_accounting(self, run_dir: Path, *, user: str | None = None) -> list[str]:
+        """Accounting records of jobs that ran in ``run_dir`` (empty without accounting).
+
+        Only jobs submitted since shortly before the run directory was created are asked for,
+        so the query stays small on a busy site.
+        """
+        try:
+            since = time.localtime(run_dir.stat().st_mtime - 3600)
+        except OSError:
+            return []
+        user = user or pwd.getpwuid(os.getuid()).pw_name
+        argv = [
+            "sacct", "-X", "--noheader", "--parsable2", f"--user={user}",
+            f"--starttime={time.strftime('%Y-%m-%dT%H:%M:%S', since)}",
+            "--format=JobID,WorkDir",
+        ]  # fmt: skip
+        proc = self.runner(argv, env=submission_env())
+        if proc.returncode != 0:
+            return []  # accounting disabled or slurmdbd down: nothing more to learn
+        found: list[str] = []
+        for line in proc.stdout.splitlines():
+            job_id, _, workdir = line.partition("|")
+            if workdir and Path(workdir.strip()) == run_dir:
+                _add_base_id(found, job_id)
         return found
 
     def _sacct(self, ids: list[str]) -> dict[str, JobStatus]:
@@ -311,3 +340,10 @@ class SlurmScheduler(Scheduler):
             if "Invalid job id" in message:
                 raise NotFoundError(f"unknown job id: {job_id}")
             raise ConflictError(f"cannot requeue job {job_id}: {message}")
+
+
+def _add_base_id(found: list[str], job_id: str) -> None:
+    """Append an array task's base job id (or a plain id) once."""
+    base_id = job_id.strip().split("_", 1)[0]
+    if base_id and base_id not in found:
+        found.append(base_id)

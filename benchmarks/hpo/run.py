@@ -23,6 +23,7 @@ Results go to a JSON file (``--out``, default under benchmarks/results/, git-ign
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -70,7 +71,60 @@ def make(method: str, space: Space, seed: int) -> Sampler:
     raise ValueError(method)
 
 
+_SOURCES = {
+    "mcts": ("mcts.py", "gp.py", "samplers.py", "space.py"),
+    "random": ("samplers.py", "space.py"),
+    "tpe": ("optuna_adapter.py", "samplers.py", "space.py"),
+    "tpe-indep": ("optuna_adapter.py", "samplers.py", "space.py"),
+}
+
+
+def fingerprint(method: str) -> str:
+    """What a method's result depends on: its source files (and Optuna's version)."""
+    h = hashlib.sha256(method.encode())
+    for name in _SOURCES[method]:
+        h.update((ROOT / "aimass_hpc" / "search" / name).read_bytes())
+    if method.startswith("tpe"):
+        import optuna
+
+        h.update(optuna.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def _run_key(problem: str, method: str, mode: str, seed: int, budget: int) -> str:
+    return f"{problem}|{method}|{mode}|{seed}|{budget}|{fingerprint(method)}"
+
+
+def load_runs(cache: str | None) -> dict[str, dict[str, Any]]:
+    """Finished runs memoised under the cache dir, by key (a torn last line is skipped)."""
+    f = Path(cache) / "runs.jsonl" if cache else None
+    out: dict[str, dict[str, Any]] = {}
+    if f and f.exists():
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[rec["key"]] = rec["run"]
+    return out
+
+
 def run_one(problem: str, method: str, mode: str, seed: int, budget: int, cache: str | None):
+    """One optimisation run, memoised in ``cache``/runs.jsonl when a cache dir is given."""
+    run = _run_uncached(problem, method, mode, seed, budget, cache)
+    if cache:
+        line = json.dumps({"key": _run_key(problem, method, mode, seed, budget), "run": run})
+        fd = os.open(Path(cache) / "runs.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+    return run
+
+
+def _run_uncached(
+    problem: str, method: str, mode: str, seed: int, budget: int, cache: str | None
+) -> dict[str, Any]:
     """One optimisation run; returns the best-so-far trace and the optimiser's own time."""
     prob = all_problems(Path(cache) if cache else None)[problem]
     sampler = make(method, prob.space, seed)
@@ -284,6 +338,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--latency", type=int, default=1000, help="known trials for the ask timing (0: skip)"
     )
+    ap.add_argument(
+        "--fresh", action="store_true", help="re-run even runs memoised in the cache dir"
+    )
     ap.add_argument("--out", default="", help="JSON results file (default benchmarks/results/...)")
     ap.add_argument("--report", default="", help="print the tables of an earlier results file")
     args = ap.parse_args(argv)
@@ -320,15 +377,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "random" not in methods:
         methods.append("random")  # the regret normaliser
+    # Seed-major order: a run stopped early has whole seeds for every problem, which the
+    # memo then serves to ``--seeds K``.
     jobs = [
         (p, m, mode, s, args.budget, cache)
+        for s in range(args.seeds)
         for p in names
         for mode in modes
-        for s in range(args.seeds)
         for m in methods
     ]
     runs: list[dict[str, Any]] = []
     t0 = time.time()
+    if cache and not args.fresh:
+        # Runs whose method's code and settings are unchanged are taken from the memo.
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        memo = load_runs(cache)
+        todo = []
+        for j in jobs:
+            hit = memo.get(_run_key(*j[:5]))
+            if hit is None:
+                todo.append(j)
+            else:
+                runs.append(hit)
+        if len(todo) < len(jobs):
+            console.print(f"{len(jobs) - len(todo)} of {len(jobs)} runs taken from the memo")
+        jobs = todo
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("runs", total=len(jobs))
         if args.jobs > 1:
