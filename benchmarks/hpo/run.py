@@ -91,8 +91,8 @@ def fingerprint(method: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _run_key(problem: str, method: str, mode: str, seed: int, budget: int) -> str:
-    return f"{problem}|{method}|{mode}|{seed}|{budget}|{fingerprint(method)}"
+def _run_key(problem: str, method: str, mode: str, seed: int, budget: int, prints: str) -> str:
+    return f"{problem}|{method}|{mode}|{seed}|{budget}|{prints}"
 
 
 def load_runs(cache: str | None) -> dict[str, dict[str, Any]]:
@@ -109,11 +109,17 @@ def load_runs(cache: str | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_one(problem: str, method: str, mode: str, seed: int, budget: int, cache: str | None):
-    """One optimisation run, memoised in ``cache``/runs.jsonl when a cache dir is given."""
+def run_one(
+    problem: str, method: str, mode: str, seed: int, budget: int, cache: str | None, key: str = ""
+):
+    """One optimisation run, memoised in ``cache``/runs.jsonl under ``key`` when both are given.
+
+    The key is computed by the caller before the run starts: a worker process runs the code
+    it imported, which may no longer be what is on disk when the run ends.
+    """
     run = _run_uncached(problem, method, mode, seed, budget, cache)
-    if cache:
-        line = json.dumps({"key": _run_key(problem, method, mode, seed, budget), "run": run})
+    if cache and key:
+        line = json.dumps({"key": key, "run": run})
         fd = os.open(Path(cache) / "runs.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, (line + "\n").encode())
@@ -379,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         methods.append("random")  # the regret normaliser
     # Seed-major order: a run stopped early has whole seeds for every problem, which the
     # memo then serves to ``--seeds K``.
+    prints = {m: fingerprint(m) for m in methods}
     jobs = [
-        (p, m, mode, s, args.budget, cache)
+        (p, m, mode, s, args.budget, cache, _run_key(p, m, mode, s, args.budget, prints[m]))
         for s in range(args.seeds)
         for p in names
         for mode in modes
@@ -394,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         memo = load_runs(cache)
         todo = []
         for j in jobs:
-            hit = memo.get(_run_key(*j[:5]))
+            hit = memo.get(j[-1])
             if hit is None:
                 todo.append(j)
             else:
