@@ -241,12 +241,26 @@ def summarise(runs: list[dict[str, Any]], budget: int, f_stars: dict[str, float]
     return marks, rows, ranks
 
 
+def paired_vs_tpe(finals: dict, mode: str, problem: str, method: str) -> str:
+    """Seeds where ``method``'s final best beat, tied or lost to default TPE's (same seed)."""
+    mine, ref = finals.get((mode, problem, method)), finals.get((mode, problem, "tpe"))
+    if method == "tpe" or not mine or not ref:
+        return ""
+    seeds = sorted(set(mine) & set(ref))
+    win = sum(mine[s] < ref[s] - 1e-12 for s in seeds)
+    loss = sum(mine[s] > ref[s] + 1e-12 for s in seeds)
+    return f"{win}/{len(seeds) - win - loss}/{loss}"
+
+
 def print_tables(result: dict[str, Any], console: Console) -> None:
     budget = result["budget"]
     marks, rows, ranks = summarise(result["runs"], budget, result["f_star"])
     methods = [m for m in METHODS if any(k[2] == m for k in rows)]
     modes = [m for m in MODES if any(k[0] == m for k in rows)]
     problems = [p for p in (*SYNTHETIC, *HPO) if any(k[1] == p for k in rows)]
+    finals: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+    for r in result["runs"]:
+        finals[(r["mode"], r["problem"], r["method"])][r["seed"]] = r["trace"][-1]
     for mode in modes:
         t = Table(
             title=f"{mode}: normalised simple regret (mean over seeds; random median = 1), "
@@ -257,6 +271,7 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
         for m in marks:
             t.add_column(f"regret@{m}", justify="right", no_wrap=True)
         t.add_column("rank", justify="right")
+        t.add_column("vs tpe W/T/L", justify="right")
         t.add_column("ms/trial", justify="right")
         for p in problems:
             best_rank = min(rows[(mode, p, m)]["rank"] for m in methods if (mode, p, m) in rows)
@@ -272,6 +287,7 @@ def print_tables(result: dict[str, Any], console: Console) -> None:
                     m,
                     *[f"{row[f'regret@{k}']:.3f}" for k in marks],
                     rank,
+                    paired_vs_tpe(finals, mode, p, m),
                     f"{row['ms_per_trial']:.1f}",
                     end_section=i == len(methods) - 1,
                 )
