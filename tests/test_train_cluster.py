@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -229,18 +230,37 @@ def test_scontrol_requeue_mid_run_resumes_to_identical_weights(
     assert bit_identical(final_weights(site, run_dir), reference_weights)
 
 
+def crashed_in_mpi(run_dir: Path) -> bool:
+    """A rank died from a signal that Open MPI's handler reported (not a Python error)."""
+    return "*** Process received signal ***" in logs(run_dir)
+
+
+def checkpointed_or_crashed(run_dir: Path) -> bool:
+    index = run_dir / "checkpoints.jsonl"
+    return bool(index.exists() and index.read_text().strip()) or crashed_in_mpi(run_dir)
+
+
 def test_horovod_job_requeued_mid_run_resumes_to_identical_weights(
     site: Site, tmp_path: Path
 ) -> None:
+    # Open MPI 4.1.4's TCP transport, with every fake node on 127.0.0.1, has crashed a rank at
+    # start-up (a null call, once in many CI runs). Such a crash, and only that, earns the
+    # scenario one more try; every other failure fails the test.
     common = {"epochs": 3, "checkpoint_every": 10}
-    ref = submit(site, tmp_path, spec_text("hvd-ref", **common), "--backend", "horovod")
-    job_id, run_dir = submit(
-        site, tmp_path, spec_text("hvd-pre", step_delay=0.15, **common), "--backend", "horovod"
-    )
-    index = run_dir / "checkpoints.jsonl"
-    wait_until(lambda: index.exists() and index.read_text().strip(), 300, "a first checkpoint")
-    subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
-    states = wait(site, [ref[0], job_id], timeout=600)
+    for attempt in range(2):
+        ref = submit(site, tmp_path, spec_text("hvd-ref", **common), "--backend", "horovod")
+        job_id, run_dir = submit(
+            site, tmp_path, spec_text("hvd-pre", step_delay=0.15, **common), "--backend", "horovod"
+        )
+        wait_until(partial(checkpointed_or_crashed, run_dir), 300, "a first checkpoint")
+        if not crashed_in_mpi(run_dir):
+            subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
+        states = wait(site, [ref[0], job_id], timeout=600)
+        crashed = [d for j, d in (ref, (job_id, run_dir)) if states[j].state.value == "FAILED"
+                   and crashed_in_mpi(d)]  # fmt: skip
+        if not crashed or attempt == 1:
+            break
+        print(f"Open MPI start-up crash, trying once more: {logs(crashed[0])[-2000:]}")
     assert states[ref[0]].state.value == "COMPLETED", logs(ref[1])
     assert states[job_id].state.value == "COMPLETED", logs(run_dir)
     assert states[job_id].restart_count >= 1
