@@ -167,13 +167,13 @@ class HorovodBackend(Backend):
 
     def __init__(self, world: WorldInfo, device: torch.device) -> None:
         super().__init__(world, device)
-        if not _under_mpi() and world.distributed:
-            _prepare_horovod_gloo(world)
-        elif _under_mpi():
+        if _under_mpi():
             # Horovod makes every MPI call from its one background thread, so it needs no
             # MPI_THREAD_MULTIPLE; Open MPI's TCP paths under THREAD_MULTIPLE are where start-up
             # races live. A job that calls MPI from its own threads sets this to 0.
             os.environ.setdefault("HOROVOD_MPI_THREADS_DISABLE", "1")
+        elif world.distributed:
+            _prepare_horovod_gloo(world)
         import horovod.torch as hvd
 
         self._hvd = hvd
