@@ -6,18 +6,25 @@ Quoting is enforced by the template environment, not left to template authors:
   result as quoted;
 * ``{{ x|sb }}`` is for ``#SBATCH`` values: it passes only a strict character set (sbatch
   parses those lines itself, so quoting would not help) and refuses anything else;
-* ``{{ x|ident }}`` passes environment-variable names;
+* ``{{ x|ident }}`` passes environment-variable names (a full-string match, see
+  :mod:`aimass_hpc.names`);
+* ``{{ x|comment }}`` makes any value safe on a ``#`` comment line: control characters
+  (newlines included) become visible escapes, so a value cannot end the comment;
 * a ``finalize`` hook refuses every other string that reaches the output, so a forgotten
   filter (in a bundled template or a site override) is an error at render time, never a
   script whose meaning depends on a value. Numbers pass as they are.
 
 The environment is a jinja sandbox (no ``__class__`` tricks) with ``StrictUndefined``.
 Template lookup: the site's override directory first, then the bundled ``job_templates/``.
+Every rendered script is checked with ``bash -n`` (:func:`check_script_syntax`) before it is
+returned, so no caller can write or queue a script bash cannot parse.
 """
 
 from __future__ import annotations
 
 import shlex
+import subprocess
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +33,9 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from aimass_hpc.errors import InputError
-from aimass_hpc.site import BUNDLED_TEMPLATES, ENV_NAME_RE, Site
-from aimass_hpc.specs import SBATCH_VALUE_RE, JobRequest
+from aimass_hpc.names import ENV_NAME, SBATCH_VALUE, shown
+from aimass_hpc.site import BUNDLED_TEMPLATES, Site
+from aimass_hpc.specs import JobRequest
 
 TEMPLATE_NAMES = ("job.j2", "train.j2", "trial.j2", "serve.j2")
 
@@ -60,19 +68,41 @@ def shell_quote(value: Any) -> Quoted:
 def sbatch_value(value: Any) -> Quoted:
     """``|sb``: a value for an ``#SBATCH`` line; only ``[A-Za-z0-9_.,:=@%+/-[]]`` pass."""
     text = str(value)
-    if isinstance(value, bool) or value is None or not text or not SBATCH_VALUE_RE.match(text):
+    if isinstance(value, bool) or value is None or not text or not SBATCH_VALUE.matches(text):
         raise UnquotedValueError(
-            f"template: {text!r} cannot go on an #SBATCH line "
-            "(allowed: A-Z a-z 0-9 _ . , : = @ % + / - [ ])"
+            f"template: {shown(text)} cannot go on an #SBATCH line "
+            f"(allowed: {SBATCH_VALUE.allowed})"
         )
     return Quoted(text)
 
 
 def env_name(value: Any) -> Quoted:
-    """``|ident``: an environment variable name."""
-    if not isinstance(value, str) or not ENV_NAME_RE.match(value):
-        raise UnquotedValueError(f"template: {value!r} is not an environment variable name")
+    """``|ident``: an environment variable name (whole-string match, no trailing newline)."""
+    if not ENV_NAME.matches(value):
+        raise UnquotedValueError(f"template: {shown(value)} is not an environment variable name")
     return Quoted(value)
+
+
+def _comment_char(char: str) -> str:
+    """``char`` itself, or a visible escape when it could end or disturb a comment line."""
+    if char == "\\":
+        return "\\\\"
+    category = unicodedata.category(char)
+    if category.startswith("C") or category in {"Zl", "Zp"}:
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return char
+
+
+def comment_text(value: Any) -> Quoted:
+    """``|comment``: any value as text that stays on one ``#`` line (newlines, CR, NUL and other
+    control characters become visible escapes such as ``\\x0a``); lists are joined by spaces."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined raises UndefinedError naming the variable
+    if isinstance(value, list | tuple):
+        return Quoted(" ".join(comment_text(item) for item in value))
+    text = str(value)
+    return Quoted("".join(_comment_char(char) for char in text))
 
 
 def _finalize(value: Any) -> Any:
@@ -109,6 +139,7 @@ def template_environment(site: Site) -> jinja2.Environment:
     env.filters["q"] = shell_quote
     env.filters["sb"] = sbatch_value
     env.filters["ident"] = env_name
+    env.filters["comment"] = comment_text
     # |safe would bypass nothing (finalize does not trust Markup) but would mislead readers.
     env.filters.pop("safe", None)
     return env
@@ -170,7 +201,7 @@ def render_request(site: Site, request: JobRequest, run_dir: str | Path | None =
     name = f"{request.kind}.j2"
     try:
         template = env.get_template(name)
-        return template.render(context)
+        script = template.render(context)
     except jinja2.TemplateNotFound as exc:
         raise InputError(f"template {exc.name!r} not found (site {site.name!r})") from None
     except jinja2.UndefinedError as exc:
@@ -179,3 +210,23 @@ def render_request(site: Site, request: JobRequest, run_dir: str | Path | None =
         raise InputError(f"template {name}: {exc}") from None
     except jinja2.TemplateSyntaxError as exc:
         raise InputError(f"template {exc.name or name} line {exc.lineno}: {exc.message}") from None
+    check_script_syntax(script, f"template {name} (site {site.name})")
+    return script
+
+
+def check_script_syntax(script: str, where: str) -> None:
+    """Refuse a script ``bash -n`` cannot parse: ``InputError`` naming ``where`` and bash's
+    first complaint. The script is read from stdin; nothing is written or run."""
+    try:
+        proc = subprocess.run(
+            ["bash", "-n"], input=script.encode("utf-8", "surrogateescape"),
+            capture_output=True, timeout=30, check=False,
+        )  # fmt: skip
+    except FileNotFoundError:
+        raise InputError(f"{where}: cannot check the rendered script: bash not found") from None
+    except subprocess.TimeoutExpired:
+        raise InputError(f"{where}: bash -n did not finish within 30s") from None
+    if proc.returncode != 0:
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        first = lines[0] if lines else f"exit status {proc.returncode}"
+        raise InputError(f"{where}: the rendered script is not valid bash: {first[:200]}")

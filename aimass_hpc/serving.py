@@ -27,6 +27,7 @@ import httpx
 
 from aimass_hpc.errors import ConflictError, InputError, NotFoundError, SchedulerError
 from aimass_hpc.fsutil import read_json
+from aimass_hpc.names import SLURM_NAME, check_tree, shown
 from aimass_hpc.scheduler import JobState, get_scheduler
 from aimass_hpc.serve.auth import ensure_token, token_path
 from aimass_hpc.serve.endpoints import (
@@ -83,6 +84,35 @@ class ServeOptions:
         }
 
 
+def check_serve_options(opts: ServeOptions, where: str = "serve") -> None:
+    """Refuse bad options before anything touches the repository or the scheduler.
+
+    Every string must be free text (no NUL, no CR; :mod:`aimass_hpc.names`), the model
+    reference must use the repository's name rules, and Slurm names must be Slurm names.
+    ``InputError`` names the option (``serve.reservation``, ``serve.ref``...).
+    """
+    check_tree(
+        {
+            "ref": opts.ref,
+            "time": opts.time,
+            "reservation": opts.reservation,
+            "partition": opts.partition,
+            "repo": opts.repo,
+            "mem": opts.mem,
+            "extra": opts.extra,
+        },
+        where,
+    )
+    try:
+        parse_model_ref(opts.ref)
+    except InputError as exc:
+        raise InputError(f"{where}.ref: {exc}") from None
+    for key in ("reservation", "partition"):
+        value = getattr(opts, key)
+        if value is not None:
+            SLURM_NAME.check(value, f"{where}.{key}")
+
+
 def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
     """(name, version, alias) of ``NAME``, ``NAME:VERSION`` or ``NAME@ALIAS``."""
     from aimass_hpc.repo import parse_ref
@@ -90,7 +120,7 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
     try:
         parsed = parse_ref(ref)
     except (ValueError, InputError) as exc:
-        raise InputError(f"model ref {ref!r}: {exc}") from None
+        raise InputError(f"model ref {shown(ref)}: {exc}") from None
     version = getattr(parsed, "version", None)
     alias = getattr(parsed, "alias", None)
     return parsed.name, None if version is None else str(version), alias
@@ -110,6 +140,7 @@ def plan_service(site: Site, opts: ServeOptions) -> tuple[JobRequest, dict[str, 
     """The job request and the ``spec`` payload for ``opts`` (checks the model first)."""
     if opts.replicas < 1:
         raise InputError("replicas: must be at least 1")
+    check_serve_options(opts)
     repo = str(Path(opts.repo).expanduser()) if opts.repo else str(site.models_root)
     version = check_model(repo, opts.ref)
     name, _, _ = parse_model_ref(opts.ref)

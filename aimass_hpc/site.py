@@ -27,6 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import aimass_hpc
 from aimass_hpc.errors import InputError, NotFoundError
+from aimass_hpc.names import (
+    MEM_SIZE,
+    SIGNAL,
+    SLURM_NAME,
+    EnvName,
+    SiteName,
+    SlurmName,
+    Text,
+    key_path,
+    shown,
+)
 from aimass_hpc.timelimit import check_time, parse_time
 
 PACKAGE_ROOT = Path(aimass_hpc.__file__).resolve().parents[1]
@@ -47,13 +58,7 @@ def search_dirs() -> list[Path]:
 
 # --------------------------------------------------------------------------- value checks
 
-_MEM_RE = re.compile(r"^(?P<n>\d+)(?P<u>[KMGT]?)B?$", re.IGNORECASE)
 _MEM_FACTOR = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
-
-# A Slurm "name" value (partition, account, QOS, reservation, gres, feature): no shell or
-# #SBATCH-significant characters, so it can go on an #SBATCH line as is.
-SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-]+$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def parse_mem_mb(value: str | int) -> int:
@@ -64,20 +69,12 @@ def parse_mem_mb(value: str | int) -> int:
         if value < 0:
             raise ValueError(f"memory must not be negative: {value}")
         return value
-    match = _MEM_RE.match(str(value).strip())
-    if not match:
-        raise ValueError(f"not a memory size: {value!r} (use e.g. 16000, 64G, 1T)")
-    return int(int(match.group("n")) * _MEM_FACTOR[match.group("u").upper()])
-
-
-def _check_slurm_name(value: str | None) -> str | None:
-    if value is None:
-        return value
-    if not SLURM_NAME_RE.match(value):
-        raise ValueError(
-            f"{value!r} has characters Slurm names do not use (allowed: A-Z a-z 0-9 _ . + -)"
-        )
-    return value
+    text = str(value)
+    if not MEM_SIZE.matches(text):
+        raise ValueError(f"not a memory size: {text!r} (use e.g. 16000, 64G, 1T)")
+    digits = text.rstrip("BbKkMmGgTt")
+    unit = text[len(digits) :].upper().removesuffix("B")
+    return int(int(digits) * _MEM_FACTOR[unit])
 
 
 def _check_mem(value: Any) -> Any:
@@ -121,27 +118,22 @@ class Partition(_Model):
     """One Slurm partition that aimass may use."""
 
     name: str = Field("", description="filled from the table key: [partitions.NAME]")
-    description: str = ""
+    description: Text = ""
     default: bool = Field(False, description="used when a request names no partition")
     nodes: int | None = Field(None, ge=1, description="node count (informational, for checks)")
     gpus_per_node: int = Field(0, ge=0)
-    gpu_type: str | None = Field(None, description="gres type, e.g. h100; None = untyped")
-    gres_name: str = "gpu"
+    gpu_type: SlurmName | None = Field(None, description="gres type, e.g. h100; None = untyped")
+    gres_name: SlurmName = "gpu"
     gpu_request: Literal["gres", "gpus-per-node"] = Field(
         "gres", description="how GPUs are asked for: --gres=gpu:TYPE:N or --gpus-per-node=TYPE:N"
     )
     cpus_per_node: int = Field(1, ge=1)
     mem_per_node: str | None = Field(None, description="e.g. 512G; None = do not check --mem")
-    max_time: str = Field("UNLIMITED", description="the partition's MaxTime, Slurm format")
-    default_time: str | None = Field(None, description="--time when a request gives none")
-    account: str | None = Field(None, description="overrides the site account here")
-    qos: str | None = Field(None, description="overrides the site QOS here")
-    constraints: list[str] = Field(default_factory=list, description="features nodes offer")
-
-    @field_validator("gpu_type", "gres_name", "account", "qos")
-    @classmethod
-    def _slurm_names(cls, value: str | None) -> str | None:
-        return _check_slurm_name(value)
+    max_time: Text = Field("UNLIMITED", description="the partition's MaxTime, Slurm format")
+    default_time: Text | None = Field(None, description="--time when a request gives none")
+    account: SlurmName | None = Field(None, description="overrides the site account here")
+    qos: SlurmName | None = Field(None, description="overrides the site QOS here")
+    constraints: list[SlurmName] = Field(default_factory=list, description="features nodes offer")
 
     @field_validator("max_time", "default_time")
     @classmethod
@@ -175,9 +167,9 @@ class Modules(_Model):
     """Environment modules loaded at the top of every job."""
 
     system: Literal["lmod", "environment-modules", "none"] = "none"
-    init: str | None = Field(None, description="shell init script that defines `module`")
+    init: Text | None = Field(None, description="shell init script that defines `module`")
     purge: bool = False
-    load: list[str] = Field(default_factory=list)
+    load: list[Text] = Field(default_factory=list)
 
     @property
     def init_script(self) -> str:
@@ -193,9 +185,9 @@ class Container(_Model):
     """Optional container every rank runs in."""
 
     runtime: Literal["apptainer", "pyxis", "none"] = "none"
-    image: str | None = None
-    binds: list[str] = Field(default_factory=list, description="src[:dst[:opts]] mounts")
-    options: list[str] = Field(default_factory=list, description="extra runtime arguments")
+    image: Text | None = None
+    binds: list[Text] = Field(default_factory=list, description="src[:dst[:opts]] mounts")
+    options: list[Text] = Field(default_factory=list, description="extra runtime arguments")
     gpu_flag: bool = Field(True, description="apptainer --nv when the job has GPUs")
 
 
@@ -205,7 +197,7 @@ class Mpi(_Model):
     launcher: Literal["srun", "mpirun", "none"] = "srun"
     srun_mpi: Literal["pmix", "pmi2", "none"] = "pmix"
     srun_wait: int = Field(60, ge=0, description="srun --wait: seconds after the first rank ends")
-    mpirun_args: list[str] = Field(default_factory=list)
+    mpirun_args: list[Text] = Field(default_factory=list)
 
 
 class Lustre(_Model):
@@ -223,9 +215,9 @@ class Lustre(_Model):
 class Filesystems(_Model):
     """Where aimass keeps things (``~`` and ``$VAR`` are expanded at load time)."""
 
-    runs: str = Field(description="root of run directories (shared with the compute nodes)")
-    models: str = Field(description="root of the model repository")
-    scratch: str | None = Field(None, description="node-local or scratch space for jobs")
+    runs: Text = Field(description="root of run directories (shared with the compute nodes)")
+    models: Text = Field(description="root of the model repository")
+    scratch: Text | None = Field(None, description="node-local or scratch space for jobs")
     lustre: Lustre | None = None
 
 
@@ -240,8 +232,8 @@ class Preemption(_Model):
     @classmethod
     def _signal(cls, value: str) -> str:
         name = value.upper().removeprefix("SIG")
-        if not re.match(r"^(USR1|USR2|TERM|INT|HUP|QUIT|CONT|ALRM|URG|\d+)$", name):
-            raise ValueError(f"{value!r} is not a signal Slurm can send (e.g. USR1, TERM)")
+        if not SIGNAL.matches(name):
+            raise ValueError(SIGNAL.problem(value))
         return name
 
 
@@ -249,21 +241,16 @@ class Training(_Model):
     """Defaults for ``aimass train``."""
 
     backend: Literal["torch", "horovod"] = "torch"
-    partition: str | None = None
+    partition: SlurmName | None = None
 
 
 class Serving(_Model):
     """Defaults for ``aimass serve``."""
 
-    partition: str | None = None
-    default_reservation: str | None = None
+    partition: SlurmName | None = None
+    default_reservation: SlurmName | None = None
     bind: Literal["node", "any"] = Field("node", description="node: listen on the node's address")
     port_range: tuple[int, int] = (20000, 29999)
-
-    @field_validator("default_reservation")
-    @classmethod
-    def _resv(cls, value: str | None) -> str | None:
-        return _check_slurm_name(value)
 
     @field_validator("port_range")
     @classmethod
@@ -277,67 +264,40 @@ class Serving(_Model):
 class Search(_Model):
     """Defaults for ``aimass search`` trials."""
 
-    partition: str | None = None
+    partition: SlurmName | None = None
 
 
 class Site(_Model):
     """A whole site config. ``source`` is the file it came from (not a TOML key)."""
 
-    name: str
-    description: str = ""
+    name: SiteName
+    description: Text = ""
     scheduler: Literal["slurm", "local"] = "slurm"
-    account: str | None = None
-    qos: str | None = None
-    constraints: list[str] = Field(default_factory=list, description="default --constraint")
-    python: str = Field(
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
+    constraints: list[SlurmName] = Field(default_factory=list, description="default --constraint")
+    python: Text = Field(
         "python3",
         description="interpreter jobs use to run aimass_hpc; empty = the one running aimass "
         "(for sites where login and compute nodes share this installation)",
     )
-    templates: str | None = Field(None, description="dir of template overrides (same names)")
+    templates: Text | None = Field(None, description="dir of template overrides (same names)")
     partitions: dict[str, Partition] = Field(min_length=1)
     modules: Modules = Field(default_factory=Modules)
     container: Container = Field(default_factory=Container)
     mpi: Mpi = Field(default_factory=Mpi)
     filesystems: Filesystems
-    env: dict[str, str] = Field(default_factory=dict, description="exported in every job")
+    env: dict[EnvName, Text] = Field(default_factory=dict, description="exported in every job")
     preemption: Preemption = Field(default_factory=Preemption)
     training: Training = Field(default_factory=Training)
     serving: Serving = Field(default_factory=Serving)
     search: Search = Field(default_factory=Search)
     source: str | None = Field(None, exclude=True, description="set by the loader")
 
-    @field_validator("account", "qos")
-    @classmethod
-    def _names(cls, value: str | None) -> str | None:
-        return _check_slurm_name(value)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", value):
-            raise ValueError(f"{value!r}: use letters, digits, _ . - (it names files)")
-        return value
-
     @field_validator("python")
     @classmethod
     def _python(cls, value: str) -> str:
         return value or sys.executable
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not ENV_NAME_RE.match(key):
-                raise ValueError(f"{key!r} is not an environment variable name")
-        return value
-
-    @field_validator("constraints")
-    @classmethod
-    def _constraints(cls, value: list[str]) -> list[str]:
-        for item in value:
-            _check_slurm_name(item)
-        return value
 
     # -- helpers used by everyone else
 
@@ -415,12 +375,12 @@ def _did_you_mean(word: str, options: Any) -> str:
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
+    """``a.b[0]`` for a pydantic error location; odd keys are shown quoted, on one line."""
     out = ""
     for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
+        if part == "[key]":  # pydantic's marker for a bad dict key: the key is the previous part
+            continue
+        out = key_path(out, part)
     return out
 
 
@@ -483,9 +443,9 @@ def problems_from_validation(
             message = "required key is missing"
             hint = "add it to the config"
         elif kind.endswith("_type") or kind.endswith("_parsing"):
-            hint = f"got {type(err.get('input')).__name__} {err.get('input')!r}"
+            hint = f"got {type(err.get('input')).__name__} {shown(err.get('input'))}"
         elif kind == "literal_error" or kind in _BOUND_ERRORS:
-            hint = f"got {err.get('input')!r}"
+            hint = f"got {shown(err.get('input'))}"
         problems.append(Problem(path, message, hint))
     # A misspelt key also makes the real one "missing": report the unknown key first.
     problems.sort(key=lambda p: p.message != "unknown key")
@@ -505,12 +465,12 @@ def _semantic_problems(site: Site) -> list[Problem]:
             )
         )
     for name, part in site.partitions.items():
-        where = f"partitions.{name}"
-        if not SLURM_NAME_RE.match(name):
+        where = key_path("partitions", name)
+        if not SLURM_NAME.matches(name):
             problems.append(
                 Problem(
                     where,
-                    f"partition name {name!r} has odd characters",
+                    f"partition name {shown(name)} has odd characters",
                     "allowed: A-Z a-z 0-9 _ . + -",
                 )
             )
@@ -669,21 +629,34 @@ def resolve_site_path(ref: str | None = None) -> Path:
             "no site given: pass --site NAME|PATH or set $AIMASS_SITE "
             f"(bundled sites: {', '.join(sorted(s for s, _ in list_sites()))})"
         )
+    try:
+        found = _find_site_file(ref)
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte
+        found = None
+        if ref.endswith(".toml") or os.sep in ref:
+            raise NotFoundError(f"site file not found: {shown(ref)}") from None
+    if found is not None:
+        return found
+    known = [name for name, _ in list_sites()]
+    raise NotFoundError(
+        f"unknown site {shown(ref)}{_did_you_mean(ref, known)} (known: {', '.join(known)})"
+    )
+
+
+def _find_site_file(ref: str) -> Path | None:
+    """The site file ``ref`` names (a path, or a name in the search dirs), or None."""
     as_path = Path(os.path.expanduser(ref))
     if ref.endswith(".toml") or os.sep in ref or as_path.is_file():
         if as_path.is_file():
             return as_path.resolve()
         if as_path.is_dir() and (as_path / "site.toml").is_file():
             return (as_path / "site.toml").resolve()
-        raise NotFoundError(f"site file not found: {ref}")
+        raise NotFoundError(f"site file not found: {shown(ref)}")
     for directory in search_dirs():
         found = _site_file_in(directory, ref)
         if found is not None:
             return found.resolve()
-    known = [name for name, _ in list_sites()]
-    raise NotFoundError(
-        f"unknown site {ref!r}{_did_you_mean(ref, known)} (known: {', '.join(known)})"
-    )
+    return None
 
 
 def list_sites() -> list[tuple[str, Path]]:
@@ -711,6 +684,10 @@ def load_site(ref: str | None = None) -> Site:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"site {path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"site {path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"site {path}: cannot read it: {exc.strerror}") from None
     site, problems = parse_site(data, str(path))
     if site is None or problems:
         more = (

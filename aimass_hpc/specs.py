@@ -28,14 +28,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aimass_hpc.errors import InputError
-from aimass_hpc.site import (
-    ENV_NAME_RE,
-    SLURM_NAME_RE,
-    Site,
-    _did_you_mean,
-    parse_mem_mb,
-    problems_from_validation,
+from aimass_hpc.names import (
+    SBATCH_OPTION,
+    SBATCH_VALUE,
+    ArrayRange,
+    Constraint,
+    Dependency,
+    EnvName,
+    SlurmName,
+    Text,
+    check_tree,
+    shown,
 )
+from aimass_hpc.site import Site, _did_you_mean, parse_mem_mb, problems_from_validation
 from aimass_hpc.timelimit import check_time, format_time, parse_time
 
 Kind = Literal["job", "train", "trial", "serve"]
@@ -89,16 +94,6 @@ CONTROLLED_OPTIONS: dict[str, str] = {
     "--export": "env",
 }
 
-# Raw #SBATCH values must survive sbatch's own line parsing unchanged: no quotes, spaces,
-# shell syntax or comment characters.
-SBATCH_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,:=@%+/\-\[\]]*$")
-_DEPENDENCY_RE = re.compile(
-    r"^(?:(?:after|afterany|afterok|afternotok|aftercorr|afterburstbuffer)(?::\d+(?:_\d+)?(?:\+\d+)?)+"
-    r"|singleton)(?:[,?](?:(?:after|afterany|afterok|afternotok|aftercorr|afterburstbuffer)"
-    r"(?::\d+(?:_\d+)?(?:\+\d+)?)+|singleton))*$"
-)
-_ARRAY_RE = re.compile(r"^\d+(?:-\d+(?::\d+)?)?(?:,\d+(?:-\d+(?::\d+)?)?)*(?:%\d+)?$")
-
 
 def slurm_job_name(name: str) -> str:
     """The name Slurm sees: ``name`` with anything outside ``[A-Za-z0-9_.+-]`` turned into ``_``.
@@ -116,52 +111,30 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Kind = "job"
-    name: str = Field(min_length=1, max_length=1000)
-    command: list[str] = Field(
+    name: Text = Field(min_length=1, max_length=1000)
+    command: list[Text] = Field(
         min_length=1, description="argv run on every task (or once when launcher is 'none')"
     )
-    env: dict[str, str] = Field(default_factory=dict, description="exported before launch")
+    env: dict[EnvName, Text] = Field(default_factory=dict, description="exported before launch")
     nodes: int = Field(1, ge=1)
     ntasks_per_node: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
     cpus_per_task: int | None = Field(None, ge=1)
-    mem: str | None = Field(None, description="per node, Slurm syntax (16G)")
-    time: str | None = Field(None, description="Slurm time limit; None = partition default")
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    reservation: str | None = None
-    constraint: str | None = Field(None, description="--constraint expression")
-    dependency: str | None = Field(None, description="e.g. afterok:123:124")
-    array: str | None = Field(None, description="e.g. 0-9%2")
+    mem: Text | None = Field(None, description="per node, Slurm syntax (16G)")
+    time: Text | None = Field(None, description="Slurm time limit; None = partition default")
+    partition: SlurmName | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
+    reservation: SlurmName | None = None
+    constraint: Constraint | None = Field(None, description="--constraint expression")
+    dependency: Dependency | None = Field(None, description="e.g. afterok:123:124")
+    array: ArrayRange | None = Field(None, description="e.g. 0-9%2")
     requeue: bool = False
     signal: bool = Field(True, description="warn the job before the end (site preemption)")
     sbatch_extra: list[str] = Field(default_factory=list, description="raw --opt=value items")
-    workdir: str | None = Field(None, description="cwd of the command; None = the run dir")
+    workdir: Text | None = Field(None, description="cwd of the command; None = the run dir")
     launcher: Launcher | None = Field(None, description="None = the site's mpi.launcher")
     template_vars: dict[str, Any] = Field(default_factory=dict, description="kind extras")
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not ENV_NAME_RE.match(key):
-                raise ValueError(f"{key!r} is not an environment variable name")
-        return value
-
-    @field_validator("partition", "account", "qos", "reservation")
-    @classmethod
-    def _slurm_names(cls, value: str | None) -> str | None:
-        if value is not None and not SLURM_NAME_RE.match(value):
-            raise ValueError(f"{value!r} has characters Slurm names do not use")
-        return value
-
-    @field_validator("constraint")
-    @classmethod
-    def _constraint(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^[A-Za-z0-9_.+\-&|\[\]*:()!]+$", value):
-            raise ValueError(f"{value!r} is not a constraint expression")
-        return value
 
     @field_validator("time")
     @classmethod
@@ -173,20 +146,6 @@ class JobRequest(BaseModel):
     def _mem(cls, value: str | None) -> str | None:
         if value is not None:
             parse_mem_mb(value)
-        return value
-
-    @field_validator("dependency")
-    @classmethod
-    def _dependency(cls, value: str | None) -> str | None:
-        if value is not None and not _DEPENDENCY_RE.match(value):
-            raise ValueError(f"{value!r} is not a dependency list (e.g. afterok:123:124)")
-        return value
-
-    @field_validator("array")
-    @classmethod
-    def _array(cls, value: str | None) -> str | None:
-        if value is not None and not _ARRAY_RE.match(value):
-            raise ValueError(f"{value!r} is not an array range (e.g. 0-9%2, 1,3,5)")
         return value
 
     @field_validator("sbatch_extra")
@@ -201,6 +160,15 @@ class JobRequest(BaseModel):
     def _command(cls, value: list[str]) -> list[str]:
         if not value[0]:
             raise ValueError("the program (command[0]) is empty")
+        return value
+
+    @field_validator("template_vars")
+    @classmethod
+    def _template_vars(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            check_tree(value, "template_vars")
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     # ------------------------------------------------------------------ resolution
@@ -280,17 +248,20 @@ class JobRequest(BaseModel):
 
 def check_sbatch_extra(item: str) -> str:
     """Validate one raw sbatch option (``--opt`` or ``--opt=value``); returns it unchanged."""
-    if not item.startswith("--") or len(item) < 3:
-        raise ValueError(f"{item!r}: give long options as --name=value")
+    if not isinstance(item, str) or not item.startswith("--") or len(item) < 3:
+        raise ValueError(f"{shown(item)}: give long options as --name=value")
     option, _, value = item.partition("=")
     if option in CONTROLLED_OPTIONS:
         raise ValueError(
             f"{option} is set by aimass (use the {CONTROLLED_OPTIONS[option]!s} field instead)"
         )
-    if not re.match(r"^--[a-z][a-z0-9\-]*$", option):
-        raise ValueError(f"{option!r} is not an sbatch option name")
-    if not SBATCH_VALUE_RE.match(value):
-        raise ValueError(f"{item!r}: the value has characters that cannot go on an #SBATCH line")
+    if not SBATCH_OPTION.matches(option):
+        raise ValueError(f"{shown(option)} is not an sbatch option name")
+    if not SBATCH_VALUE.matches(value):
+        raise ValueError(
+            f"{shown(item)}: the value has characters that cannot go on an #SBATCH line "
+            f"(allowed: {SBATCH_VALUE.allowed})"
+        )
     return item
 
 
@@ -354,6 +325,7 @@ def request_from_mapping(data: dict[str, Any], where: str = "job") -> JobRequest
             f'{where}.command: give a list of arguments, e.g. ["bash", "-c", "..."] '
             "(a string would need shell parsing)"
         )
+    check_tree(data, where)
     try:
         return JobRequest.model_validate(data)
     except ValidationError as exc:

@@ -48,6 +48,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from aimass_hpc.errors import InputError
+from aimass_hpc.names import EnvName, MemSize, ModelName, SlurmName, TaskRef, Text, check_tree
 from aimass_hpc.runtime.config import CONFIG_FILE, RunConfig, TrainParams
 from aimass_hpc.site import Site, problems_from_validation
 from aimass_hpc.specs import JobRequest, read_spec_toml, request_from_mapping
@@ -62,16 +63,16 @@ class _Strict(BaseModel):
 class TaskSection(_Strict):
     """``[task]``: the built-in trainer's task function and its keyword arguments."""
 
-    ref: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", description="module:function")
+    ref: TaskRef = Field(description="module:function")
     args: dict[str, Any] = Field(default_factory=dict)
 
 
 class ScriptSection(_Strict):
     """``[script]``: a Python script (``path``) or any program (``command``) on every rank."""
 
-    path: str | None = None
-    args: list[str] = Field(default_factory=list)
-    command: list[str] | None = None
+    path: Text | None = None
+    args: list[Text] = Field(default_factory=list)
+    command: list[Text] | None = None
 
     @model_validator(mode="after")
     def _one(self) -> ScriptSection:
@@ -105,9 +106,9 @@ class TrainSection(_Strict):
 class ModelSection(_Strict):
     """``[model]``: where the checkpoints and the final model go."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    repository: str | None = Field(None, description="default: the site's filesystems.models")
-    tags: list[str] = Field(default_factory=list)
+    name: ModelName = Field(description="the repository's model name rule (aimass_hpc.names)")
+    repository: Text | None = Field(None, description="default: the site's filesystems.models")
+    tags: list[Text] = Field(default_factory=list)
 
 
 class JobSection(_Strict):
@@ -117,13 +118,13 @@ class JobSection(_Strict):
     tasks_per_node: int | None = Field(None, ge=1)
     gpus_per_node: int = Field(0, ge=0)
     cpus_per_task: int | None = Field(None, ge=1)
-    mem: str | None = None
-    time: str | None = None
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    reservation: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    mem: MemSize | None = None
+    time: Text | None = None
+    partition: SlurmName | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
+    reservation: SlurmName | None = None
+    env: dict[EnvName, Text] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _gpu_tasks(self) -> JobSection:
@@ -146,9 +147,9 @@ class JobSection(_Strict):
 class TrainSpec(_Strict):
     """A whole training spec (``aimass train SPEC.toml``)."""
 
-    name: str | None = Field(None, min_length=1, max_length=100)
+    name: Text | None = Field(None, min_length=1, max_length=100)
     backend: Backend | None = None
-    pythonpath: list[str] = Field(default_factory=list, description="relative to the spec")
+    pythonpath: list[Text] = Field(default_factory=list, description="relative to the spec")
     task: TaskSection | None = None
     script: ScriptSection | None = None
     train: TrainSection = Field(default_factory=TrainSection)
@@ -330,6 +331,7 @@ def load_train_spec(path: str | Path, overrides: dict[str, Any] | None = None) -
 
 def spec_from_mapping(data: dict[str, Any], *, source: str | None, where: str) -> TrainSpec:
     """Validate a mapping; an ``InputError`` names the first bad key."""
+    check_tree(data, label=where)
     try:
         spec = TrainSpec.model_validate(data)
     except ValidationError as exc:

@@ -57,7 +57,7 @@ def dumps_toml(data: dict[str, Any]) -> str:
 def _key(key: str) -> str:
     import re
 
-    return key if re.match(r"^[A-Za-z0-9_-]+$", key) else _toml_value(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
 
 
 def site_data(base: str = "dev") -> dict[str, Any]:

@@ -8,8 +8,16 @@ import pytest
 from _sitefixtures import write_site
 
 from aimass_hpc.errors import InputError
-from aimass_hpc.render import UnquotedValueError, render_request, sbatch_value, shell_quote
-from aimass_hpc.specs import JobRequest
+from aimass_hpc.render import (
+    UnquotedValueError,
+    check_script_syntax,
+    comment_text,
+    env_name,
+    render_request,
+    sbatch_value,
+    shell_quote,
+)
+from aimass_hpc.specs import JobRequest, request_from_mapping
 
 NASTY = [
     "plain",
@@ -41,9 +49,11 @@ NASTY = [
     "{a,b}",
     "$'ansi\\x41'",
     "%j %x %A",
-    "carriage\rreturn",
     "",
 ]
+
+# Refused in every value (aimass_hpc.names): no argv/env can carry NUL; sbatch refuses CR-LF.
+REFUSED = ["carriage\rreturn", "dos line\r\n", "nul\x00byte"]
 
 
 def test_there_are_at_least_twenty_nasty_strings():
@@ -54,6 +64,18 @@ def test_there_are_at_least_twenty_nasty_strings():
 def test_q_round_trips_through_bash(value):
     out = subprocess.run(["bash", "-c", f"printf %s {shell_quote(value)}"], capture_output=True)
     assert out.stdout.decode() == value
+
+
+@pytest.mark.parametrize("value", REFUSED)
+def test_nul_and_cr_are_refused_in_every_job_value(value):
+    for fields in (
+        {"command": ["echo", value]},
+        {"env": {"X": value}},
+        {"name": value},
+        {"workdir": value},
+    ):
+        with pytest.raises(InputError, match=f"job.{next(iter(fields))}"):
+            request_from_mapping({"name": "x", "command": ["true"], **fields}, where="job")
 
 
 def test_q_quotes_lists_word_by_word():
@@ -159,3 +181,97 @@ def test_nasty_values_run_byte_for_byte_without_a_cluster(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [workdir.name, site.runs_root.name, "site-local.toml"]
     )
+
+
+# --------------------------------------------------------------------------- issue 10
+
+
+def test_an_env_name_ending_in_a_newline_is_refused_in_a_job_spec(tmp_path):
+    """It used to render `export FOO` and a separate line `=x` that bash ran."""
+    from aimass_hpc.specs import load_job_spec
+
+    spec = tmp_path / "job.toml"
+    spec.write_text('[job]\nname = "x"\ncommand = ["true"]\n[job.env]\n"FOO\\n" = "x"\n')
+    with pytest.raises(InputError, match=r"job\.env\['FOO\\n'\]: .*environment variable name"):
+        load_job_spec(spec)
+    with pytest.raises(ValueError, match="environment variable name"):
+        JobRequest(name="x", command=["true"], env={"FOO\n": "x"})
+
+
+@pytest.mark.parametrize("value", ["FOO\n", "\nFOO", "FO\nO", "FOO ", "F-O", "1FOO", "FÖÖ", ""])
+def test_ident_refuses_anything_but_a_whole_name(value):
+    with pytest.raises(UnquotedValueError):
+        env_name(value)
+    assert env_name("_FOO_1") == "_FOO_1"
+
+
+@pytest.mark.parametrize("value", ["gpu\n", "a\r", "x\x00", "ü"])
+def test_sb_matches_the_whole_value(value):
+    with pytest.raises(UnquotedValueError):
+        sbatch_value(value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("partition", "debug\n"),
+        ("account", "acct\n"),
+        ("qos", "normal\n"),
+        ("reservation", "resv\n"),
+        ("constraint", "feat\n"),
+        ("dependency", "afterok:1\n"),
+        ("array", "0-3\n"),
+        ("mem", "1G\n"),
+        ("sbatch_extra", ["--comment=x\n"]),
+        ("sbatch_extra", ["--comment\n=x"]),
+    ],
+)
+def test_slurm_values_with_a_trailing_newline_are_refused(field, value):
+    with pytest.raises(InputError, match=f"job.{field}"):
+        request_from_mapping({"name": "x", "command": ["true"], field: value}, where="job")
+
+
+@pytest.mark.parametrize("value", ["a\nb", "end\n", "\x1b[31mred", "nul\x00", "cr\r", "\u2028x"])
+def test_comment_keeps_any_value_on_one_comment_line(value):
+    text = comment_text(value)
+    assert "\n" not in text and "\r" not in text and "\x00" not in text
+    assert text.isprintable()
+    script = f"#!/bin/bash\n# {text}\necho ok\n"
+    assert subprocess.run(["bash", "-c", script], capture_output=True).stdout == b"ok\n"
+
+
+def test_a_site_override_can_show_any_value_in_a_comment(tmp_path):
+    site = _override(tmp_path, "job.j2", "#!/bin/bash\n# job {{ job.name|comment }}\ntrue\n")
+    script = render_request(site, _request(name="two\nlines 'q' $(x)"))
+    assert script.splitlines()[1] == "# job two\\x0alines 'q' $(x)"
+
+
+def test_render_refuses_a_script_bash_cannot_parse(tmp_path):
+    site = _override(tmp_path, "job.j2", "#!/bin/bash\nif true; then\necho {{ job.name|q }}\n")
+    with pytest.raises(InputError, match=r"template job\.j2 .*not valid bash: .*line"):
+        render_request(site, _request())
+
+
+def test_check_script_syntax_names_where():
+    check_script_syntax("#!/bin/bash\necho 'ok'\n", "here")
+    with pytest.raises(InputError, match=r"^here: the rendered script is not valid bash"):
+        check_script_syntax("echo 'unterminated\n", "here")
+
+
+def test_submit_and_render_cli_refuse_a_broken_template(tmp_path):
+    """Every caller goes through render_request: `aimass render` exits 2 and queues nothing."""
+    import sys
+
+    site = _override(tmp_path, "job.j2", "#!/bin/bash\necho 'unterminated {{ job.name|q }}\n")
+    spec = tmp_path / "job.toml"
+    spec.write_text('[job]\nname = "x"\ncommand = ["true"]\n')
+    for command in (["render"], ["submit", "--dry-run"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "aimass_hpc", *command, str(spec), "--site", site.source],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "template job.j2" in proc.stderr and "not valid bash" in proc.stderr
+    assert not site.runs_root.exists() or not any(site.runs_root.iterdir())

@@ -221,3 +221,31 @@ def test_history_reads_metrics_with_or_without_steps(tmp_path: Path) -> None:
     )
     assert read_history(tmp_path, "loss") == [(1, 3.0), (2, 2.0), (10, 1.0)]
     assert read_history(tmp_path / "missing", "loss") == []
+
+
+# --------------------------------------------------------------------------- issue 10
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('name = "quad"', 'name = "quad\\n"'), "search.name"),
+        (('metric = "acc"', 'metric = "acc\\u0000"'), "search.metric"),
+        (('metric = "acc"', 'metric = "a\\rcc"'), "search.metric"),
+        (('"obj.py"', '"obj\\u0000.py"'), "objective.command[1]"),
+        (("[trial]", '[objective.env]\n"K\\n" = "v"\n[trial]'), "objective.env['K\\n']"),
+        (("[trial]", '[objective.env]\nK = "\\r"\n[trial]'), "objective.env.K"),
+        (("gpus_per_node = 1", 'gpus_per_node = 1\npartition = "p\\n"'), "trial.partition"),
+        (("gpus_per_node = 1", 'gpus_per_node = 1\nconstraint = "f\\n"'), "trial.constraint"),
+        (('"sgd", "adam"', '"sgd", "ad\\u0000am"'), "space.opt.choices[1]"),
+        (('"{trial_id}"', '"{trial_id\\n}"'), "objective.command[5]"),
+    ],
+)
+def test_hostile_values_are_refused_naming_the_key(
+    tmp_path: Path, edit: tuple[str, str], message: str
+) -> None:
+    text = GOOD.replace(*edit)
+    assert text != GOOD
+    with pytest.raises(InputError) as err:
+        load_search_spec(write(tmp_path, text))
+    assert message in str(err.value) and "\n" not in str(err.value)

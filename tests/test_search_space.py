@@ -186,3 +186,18 @@ def test_booleans_and_numbers_are_distinct_choices():
     assert s.encode({"c": 1})[0] == 1 and s.encode({"c": True})[0] == 0
     decoded = [s.decode([k])["c"] for k in range(4)]
     assert [type(v) for v in decoded] == [bool, int, float, str]
+
+
+@pytest.mark.parametrize("name", ["x\n", "\nx", "a b", "1x", "x{y}", "", "ü"])
+def test_parameter_names_are_whole_placeholder_names(name):
+    """A name must be usable as a {placeholder} and a dotted spec key (issue 10)."""
+    with pytest.raises(InputError) as err:
+        Space.from_dict({name: {"type": "float", "low": 0, "high": 1}})
+    assert "space" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(InputError):
+        Space({name: Float(0, 1)})
+
+
+@pytest.mark.parametrize("name", ["x", "_x", "task.args.hidden", "lr-2"])
+def test_parameter_names_that_are_fine(name):
+    assert Space.from_dict({name: {"type": "float", "low": 0, "high": 1}}).names == (name,)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from aimass_hpc.site import (
     list_sites,
     load_site,
     parse_mem_mb,
+    parse_site,
     validate_site_file,
 )
 
@@ -220,3 +224,112 @@ def test_memory_sizes(text, mb):
 def test_bad_memory_size():
     with pytest.raises(ValueError):
         parse_mem_mb("lots")
+
+
+@pytest.mark.parametrize("text", ["16G\n", " 16G", "16G ", "16 G", "\uff11\uff16G"])
+def test_memory_sizes_match_the_whole_string(text):
+    with pytest.raises(ValueError):
+        parse_mem_mb(text)
+
+
+# --------------------------------------------------------------------------- hostile values
+# Issue 10: names are matched as whole strings (a trailing newline used to pass `re.match(...$)`),
+# NUL/CR are refused in every string, and every problem names its own key.
+
+
+def _debug(data: dict) -> dict:
+    return data["partitions"]["debug"]
+
+
+def _site_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aimass_hpc", "site", "check", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "path"),
+    [
+        (lambda d: d.update(name="dev\n"), "name"),
+        (lambda d: _debug(d).update(gpu_type="fake\n"), "partitions.debug.gpu_type"),
+        (lambda d: _debug(d).update(gres_name="gpu\n"), "partitions.debug.gres_name"),
+        (lambda d: d["preemption"].update(signal="USR1\n"), "preemption.signal"),
+        (lambda d: d["preemption"].update(signal="\u0661"), "preemption.signal"),  # Arabic 1
+        (lambda d: d.update(account="acct\n"), "account"),
+        (lambda d: d.update(constraints=["feat\n"]), "constraints[0]"),
+    ],
+)
+def test_site_check_names_the_key_with_the_newline(tmp_path, edit, path):
+    data = site_data("dev")
+    edit(data)
+    target = tmp_path / "site.toml"
+    target.write_text(dumps_toml(data), encoding="utf-8")
+    proc = _site_check(target)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    problems = json.loads(proc.stdout)
+    assert [p["path"] for p in problems] == [path]
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_site_name_with_a_newline_is_refused_before_rendering(tmp_path):
+    data = site_data("local")
+    data["name"] = "local\n"
+    site, problems = parse_site(data)
+    assert site is None
+    assert [p.path for p in problems] == ["name"]
+    assert "\n" not in str(problems[0])
+
+
+def test_a_site_env_name_ending_in_a_newline_is_refused(tmp_path):
+    data = site_data("dev")
+    data["env"] = {"FOO\n": "x", "OK": "y"}
+    site, problems = parse_site(data)
+    assert site is None
+    assert [p.path for p in problems] == ["env['FOO\\n']"]
+    assert "environment variable name" in problems[0].message
+    path = tmp_path / "site.toml"  # the bundled file with one more line under [env]
+    text = (BUNDLED_SITES / "dev.toml").read_text(encoding="utf-8")
+    path.write_text(text.replace("[env]\n", '[env]\n"FOO\\n" = "x"\n', 1), encoding="utf-8")
+    with pytest.raises(InputError, match=r"env\['FOO\\n'\]"):
+        load_site(str(path))
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "a\rb", "crlf\r\n"])
+@pytest.mark.parametrize(
+    ("edit", "path"),
+    [
+        (lambda d, v: d.update(python=v), "python"),
+        (lambda d, v: d.update(description=v), "description"),
+        (lambda d, v: d.update(env={"X": v}), "env.X"),
+        (lambda d, v: d.update(modules={"system": "lmod", "load": ["ok", v]}), "modules.load[1]"),
+        (lambda d, v: d["filesystems"].update(scratch=v), "filesystems.scratch"),
+        (lambda d, v: d["mpi"].update(mpirun_args=[v]), "mpi.mpirun_args[0]"),
+    ],
+)
+def test_nul_and_cr_are_refused_in_site_strings(edit, path, bad):
+    data = site_data("dev")
+    edit(data, bad)
+    site, problems = parse_site(data)
+    assert site is None
+    assert [p.path for p in problems] == [path]
+    assert "NUL" in problems[0].message or "CR" in problems[0].message
+
+
+def test_a_newline_in_a_free_text_site_value_is_fine():
+    data = site_data("dev")
+    data["env"] = {"X": "two\nlines"}
+    site, problems = parse_site(data)
+    assert problems == [] and site is not None
+    assert site.env["X"] == "two\nlines"
+
+
+def test_odd_keys_are_shown_quoted_on_one_line(tmp_path):
+    data = site_data("dev")
+    data["preemption"]["bad\nkey"] = 1
+    problems = _problems(tmp_path, data)
+    assert [p.path for p in problems] == ["preemption['bad\\nkey']"]
+    assert "\n" not in str(problems[0])

@@ -196,3 +196,66 @@ def test_plot_draws_a_png_from_metrics(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert aimass("plot", str(empty)).returncode == 2
+
+
+# --------------------------------------------------------------------------- issue 10
+
+
+def test_a_200_character_model_name_is_refused_at_dry_run(tmp_path: Path) -> None:
+    """It used to pass --dry-run and fail at the first checkpoint inside the job."""
+    site = write_site(tmp_path, "dev")
+    spec = write_spec(tmp_path, BASE.replace('name = "t-model"', f'name = "{"m" * 200}"'))
+    out = aimass("train", str(spec), "--site", site.source, "--dry-run")
+    _assert_refused(tmp_path, out, "model.name")
+    assert "at most 128 characters" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["_private", "a.b-c_d", "7up", "m" * 128])
+def test_model_names_the_repository_accepts_are_accepted(tmp_path: Path, name: str) -> None:
+    from aimass_hpc.repo.refs import check_name
+
+    assert check_name(name) == name
+    spec = load_train_spec(write_spec(tmp_path, BASE.replace('"t-model"', f'"{name}"')))
+    assert spec.model.name == name
+
+
+@pytest.mark.parametrize("name", ["-x", ".hidden", "a b", "x\n", "m" * 129, "ü"])
+def test_model_names_the_repository_refuses_are_refused(tmp_path: Path, name: str) -> None:
+    from aimass_hpc.repo.refs import check_name
+
+    with pytest.raises(InputError):
+        check_name(name)
+    text = BASE.replace('"t-model"', json.dumps(name))
+    with pytest.raises(InputError, match="model.name"):
+        load_train_spec(write_spec(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ('[job.env]\n"FOO\\n" = "x"\n', r"job.env['FOO\n']"),
+        ('[job.env]\nX = "a\\u0000b"\n', "job.env.X"),
+        ('[job.env]\nX = "a\\rb"\n', "job.env.X"),
+    ],
+)
+def test_hostile_job_keys_and_values_are_refused(tmp_path: Path, text: str, path: str) -> None:
+    spec = write_spec(tmp_path, BASE + text)
+    with pytest.raises(InputError) as err:
+        load_train_spec(spec)
+    assert path in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "path"),
+    [
+        ('name = "t"', 'name = "t\\u0000"', "name"),
+        ('ref = "digits_mlp:build"', 'ref = "digits_mlp:build\\n"', "task.ref"),
+        ('ref = "digits_mlp:build"', 'ref = "digits_mlp:build"\nargs = {a = "\\r"}', "task.args.a"),
+        ("tasks_per_node = 2", 'tasks_per_node = 2\npartition = "debug\\n"', "job.partition"),
+        ("tasks_per_node = 2", 'tasks_per_node = 2\nreservation = "r\\n"', "job.reservation"),
+    ],
+)
+def test_nul_cr_and_newline_name_the_field(tmp_path: Path, old: str, new: str, path: str) -> None:
+    with pytest.raises(InputError) as err:
+        load_train_spec(write_spec(tmp_path, BASE.replace(old, new)))
+    assert f": {path}" in str(err.value) and "\n" not in str(err.value)

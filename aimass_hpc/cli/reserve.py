@@ -9,7 +9,6 @@ passing on scontrol's message. Serve jobs use a reservation with
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import subprocess
 from typing import Any
@@ -19,9 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from aimass_hpc.errors import ConflictError, InputError, NotFoundError, SchedulerError
+from aimass_hpc.names import RESERVATION_NAME, check_scontrol_value
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,:+\-\[\]/]+$")  # what may follow key= on scontrol's line
 _DENIED = ("access/permission denied", "invalid user id", "user is not authorized",
            "permission denied", "only slurmuser or root")  # fmt: skip
 
@@ -73,9 +71,8 @@ def parse_reservations(text: str) -> list[dict[str, str]]:
 
 
 def _check(option: str, value: str | None) -> str | None:
-    if value is not None and not _VALUE_RE.match(value):
-        raise InputError(f"{option} {value!r}: characters scontrol does not take")
-    return value
+    """``value`` when it may follow ``key=`` on scontrol's line (whole-string match)."""
+    return None if value is None else check_scontrol_value(value, option)
 
 
 @click.group()
@@ -116,8 +113,7 @@ def create(
     """Create reservation NAME (wraps `scontrol create reservation`)."""
     import getpass
 
-    if not _NAME_RE.match(name):
-        raise InputError(f"reservation name {name!r}: use letters, digits, '.', '_' and '-'")
+    RESERVATION_NAME.check(name, "NAME")
     if not nodes and not node_count:
         raise InputError("give --nodes LIST or --node-count N")
     if not users and not accounts:
@@ -180,8 +176,7 @@ def list_(as_json: bool) -> None:
 @click.argument("name")
 def delete(name: str) -> None:
     """Delete reservation NAME (wraps `scontrol delete reservation`)."""
-    if not _NAME_RE.match(name):
-        raise InputError(f"reservation name {name!r}: use letters, digits, '.', '_' and '-'")
+    RESERVATION_NAME.check(name, "NAME")
     proc = _scontrol(["delete", f"reservationname={name}"])
     if proc.returncode != 0:
         raise explain_failure("delete", name, proc.stderr or proc.stdout)

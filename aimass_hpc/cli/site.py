@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -48,34 +47,33 @@ def template_problems(site_obj: Site) -> list[Problem]:
         )
         where = f"templates.{template}"
         try:
+            # render_request also refuses a script that fails `bash -n`, naming the template.
             script = render_request(site_obj, request, Path(tempfile.gettempdir()) / "run")
         except AimassError as exc:
             problems.append(Problem(where, str(exc), "fix the template or the site config"))
             continue
-        with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as fh:
-            fh.write(script)
-        try:
-            proc = subprocess.run(["bash", "-n", fh.name], capture_output=True, text=True)
-            if proc.returncode != 0:
-                first = (proc.stderr.strip().splitlines() or ["syntax error"])[0]
-                problems.append(Problem(where, f"bash -n: {first}", "fix the template"))
-            elif shutil.which("shellcheck"):
-                lint = subprocess.run(
-                    ["shellcheck", "-S", "warning", "-s", "bash", "-f", "gcc", fh.name],
-                    capture_output=True,
-                    text=True,
-                )
-                for line in lint.stdout.splitlines()[:5]:
-                    problems.append(
-                        Problem(
-                            where,
-                            f"shellcheck: {line.split(': ', 1)[-1]}",
-                            "fix the template (or the config value)",
-                        )
-                    )
-        finally:
-            os.unlink(fh.name)
+        problems += _shellcheck_problems(script, where)
     return problems
+
+
+def _shellcheck_problems(script: str, where: str) -> list[Problem]:
+    """shellcheck's warnings about a rendered script (none when shellcheck is not installed)."""
+    if not shutil.which("shellcheck"):
+        return []
+    lint = subprocess.run(
+        ["shellcheck", "-S", "warning", "-s", "bash", "-f", "gcc", "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+    )
+    return [
+        Problem(
+            where,
+            f"shellcheck: {line.split(': ', 1)[-1]}",
+            "fix the template (or the config value)",
+        )
+        for line in lint.stdout.splitlines()[:5]
+    ]
 
 
 @site.command("check")
@@ -84,8 +82,9 @@ def template_problems(site_obj: Site) -> list[Problem]:
 def check(ref: str, as_json: bool) -> None:
     """Validate a site config FILE or NAME: every problem, with its key path and a hint.
 
-    A valid config is also rendered through every job template and checked with `bash -n`
-    (and shellcheck, when installed).
+    Names and values are checked first (a bad value is reported at its own key, e.g.
+    `partitions.gpu.gpu_type`); a valid config is then rendered through every job template and
+    checked with `bash -n` (and shellcheck, when installed).
     Exits non-zero when anything is wrong.
     """
     path = resolve_site_path(ref)

@@ -1,28 +1,29 @@
-"""Model references (``name``, ``name:7``, ``name:latest``, ``name@prod``) and name rules.
+"""Model references (``name``, ``name:7``, ``name:latest``, ``name@prod``).
 
 Names, aliases and shard keys become file names on a shared filesystem, so they are restricted
 to a portable character set: letters, digits, ``.``, ``_`` and ``-``, not starting with a dot
-or a dash (no hidden files, no option look-alikes), at most 128 characters.
+or a dash (no hidden files, no option look-alikes), at most 128 characters. The rule itself
+lives in :mod:`aimass_hpc.names` (``MODEL_NAME``), shared with the train, search and serve
+specs, so a name a spec accepts is one the repository accepts.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from aimass_hpc.errors import InputError
+from aimass_hpc.names import ALIAS_NAME, MODEL_NAME, SHARD_KEY, Rule
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 LATEST = "latest"
+_RULES: dict[str, Rule] = {"model name": MODEL_NAME, "alias": ALIAS_NAME, "shard key": SHARD_KEY}
 
 
 def check_name(value: str, what: str = "model name") -> str:
     """Return ``value`` if it is a valid name for a model, alias or shard key, else raise."""
-    if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise InputError(
-            f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-' "
-            "(not starting with '.' or '-', at most 128 characters)"
-        )
+    rule = _RULES.get(what, MODEL_NAME)
+    problem = rule.problem(value)
+    if problem:
+        raise InputError(f"invalid {what}: {problem}")
     return value
 
 
@@ -74,7 +75,7 @@ def parse_ref(ref: str | Ref) -> Ref:
         check_name(name)
         if version == LATEST:
             return Ref(name)
-        if not version.isdigit() or int(version) < 1:
+        if not (version.isascii() and version.isdigit()) or int(version) < 1:
             raise InputError(
                 f"invalid version {version!r} in model reference {ref!r}: "
                 "expected a positive integer or 'latest'"

@@ -42,7 +42,6 @@ directory unless ``objective.workdir`` says otherwise.
 from __future__ import annotations
 
 import difflib
-import re
 import string
 import tomllib
 from pathlib import Path
@@ -51,16 +50,25 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aimass_hpc.errors import InputError
+from aimass_hpc.names import (
+    PARAM_NAME,
+    Constraint,
+    EnvName,
+    MemSize,
+    SearchName,
+    SlurmName,
+    Text,
+    check_tree,
+    shown,
+)
 from aimass_hpc.search.space import Space
-from aimass_hpc.site import ENV_NAME_RE, problems_from_validation
+from aimass_hpc.site import problems_from_validation
 from aimass_hpc.specs import read_spec_toml
 from aimass_hpc.timelimit import check_time
 
 SAMPLERS = ("mcts", "random", "tpe")
 # Placeholders a command may use besides the parameter names.
 RESERVED_PLACEHOLDERS = ("trial_id", "python")
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 class _Model(BaseModel):
@@ -70,11 +78,11 @@ class _Model(BaseModel):
 class SearchSettings(_Model):
     """The ``[search]`` table."""
 
-    name: str = Field(min_length=1, max_length=80)
+    name: SearchName = Field(min_length=1, max_length=80, description="names directories")
     sampler: Literal["mcts", "random", "tpe"] = "mcts"
     seed: int | None = Field(None, ge=0, description="omitted: random, journaled")
     direction: Literal["minimize", "maximize"] = "minimize"
-    metric: str = Field("value", min_length=1, description="the value to optimise")
+    metric: Text = Field("value", min_length=1, description="the value to optimise")
     budget: int = Field(ge=1, le=100_000, description="trials in all")
     parallel: int = Field(1, ge=1, le=10_000, description="trials running at once")
     poll_interval: float = Field(5.0, gt=0, le=3600, description="seconds between status polls")
@@ -82,29 +90,14 @@ class SearchSettings(_Model):
         3, ge=1, le=100, description="submissions of one trial whose job was lost"
     )
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
-            raise ValueError(f"{value!r}: use letters, digits, _ . - (it names directories)")
-        return value
-
 
 class Objective(_Model):
     """The ``[objective]`` table: a command, or a training spec."""
 
-    command: list[str] | None = Field(None, min_length=1)
-    train: str | None = Field(None, min_length=1, description="path to a training spec TOML")
-    workdir: str | None = Field(None, description="cwd of a command; default: the spec's dir")
-    env: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not ENV_NAME_RE.match(key):
-                raise ValueError(f"{key!r} is not an environment variable name")
-        return value
+    command: list[Text] | None = Field(None, min_length=1)
+    train: Text | None = Field(None, min_length=1, description="path to a training spec TOML")
+    workdir: Text | None = Field(None, description="cwd of a command; default: the spec's dir")
+    env: dict[EnvName, Text] = Field(default_factory=dict)
 
     @property
     def kind(self) -> Literal["command", "train"]:
@@ -119,12 +112,12 @@ class TrialResources(_Model):
     ntasks_per_node: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
     cpus_per_task: int | None = Field(None, ge=1)
-    mem: str | None = None
-    time: str | None = Field(None, description="Slurm time limit of one trial")
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
+    mem: MemSize | None = None
+    time: Text | None = Field(None, description="Slurm time limit of one trial")
+    partition: SlurmName | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
+    constraint: Constraint | None = None
     requeue: bool = Field(True, description="let Slurm requeue a preempted trial")
     launcher: Literal["srun", "mpirun", "none"] | None = Field(
         None, description="None: 'none' for a 1-task command, else the site's launcher"
@@ -140,7 +133,7 @@ class Pruning(_Model):
     """The ``[pruning]`` table: successive halving on intermediate metrics (off by default)."""
 
     enabled: bool = False
-    metric: str | None = Field(None, description="intermediate metric; default: search.metric")
+    metric: Text | None = Field(None, description="intermediate metric; default: search.metric")
     min_step: int = Field(1, ge=1, description="the first rung (a step count)")
     reduction_factor: int = Field(3, ge=2, description="keep the best 1/eta at each rung")
     min_trials: int = Field(
@@ -151,11 +144,11 @@ class Pruning(_Model):
 class DriverJob(_Model):
     """The ``[driver]`` table: the driver's own CPU job for ``--detach``."""
 
-    time: str | None = Field(None, description="default: the partition's MaxTime")
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    mem: str | None = "1G"
+    time: Text | None = Field(None, description="default: the partition's MaxTime")
+    partition: SlurmName | None = None
+    account: SlurmName | None = None
+    qos: SlurmName | None = None
+    mem: MemSize | None = "1G"
 
     @field_validator("time")
     @classmethod
@@ -211,11 +204,13 @@ def command_placeholders(command: list[str]) -> list[tuple[int, str]]:
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
         except ValueError as exc:
-            raise InputError(f"objective.command[{i}]: bad placeholder in {arg!r}: {exc}") from None
+            raise InputError(
+                f"objective.command[{i}]: bad placeholder in {shown(arg)}: {exc}"
+            ) from None
         for name in fields:
-            if not name or not re.match(r"^[A-Za-z_][A-Za-z0-9_.\-]*$", name):
+            if not PARAM_NAME.matches(name):
                 raise InputError(
-                    f"objective.command[{i}]: placeholder {{{name}}} must name a parameter "
+                    f"objective.command[{i}]: placeholder {shown(name)} must name a parameter "
                     "(use {{ and }} for literal braces)"
                 )
             out.append((i, name))
@@ -319,6 +314,7 @@ def spec_from_mapping(data: dict[str, Any], *, base_dir: str | Path, where: str)
     for key in ("search", "objective", "space"):
         if not isinstance(data.get(key), dict):
             raise InputError(f"{where}: {key}: required table is missing (add a [{key}] table)")
+    check_tree(data, label=where)
     obj = data["objective"]
     if isinstance(obj.get("command"), str):
         raise InputError(
@@ -365,7 +361,12 @@ def _check_semantics(spec: SearchSpec, where: str) -> None:
                     f"parameter of [space]{hint}"
                 )
     if obj.train is not None:
-        if not spec.train_spec_path.is_file():  # type: ignore[union-attr]
+        try:
+            is_file = spec.train_spec_path.is_file()  # type: ignore[union-attr]
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise InputError(f"{where}: objective.train: {reason}") from None
+        if not is_file:
             raise InputError(f"{where}: objective.train: no such file {spec.train_spec_path}")
         # Every parameter must land on a real key of the training spec: load it with the
         # space's default point injected (validation only; no user code runs).

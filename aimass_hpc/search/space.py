@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from aimass_hpc.errors import InputError
+from aimass_hpc.names import PARAM_NAME, key_path, shown
 
 Scalar = str | int | float | bool
 
@@ -230,13 +231,14 @@ class Space:
         if not params:
             raise InputError(f"{where}: a search space needs at least one parameter")
         for name, p in params.items():
-            if not isinstance(name, str) or not name:
-                raise InputError(f"{where}: parameter names must be non-empty strings")
+            at = key_path(where, name)
+            # A name is a {placeholder} in commands and a dotted key of a training spec.
+            PARAM_NAME.check(name, at)
             if not isinstance(p, Float | Int | Categorical):
-                raise InputError(f"{where}.{name}: expected Float, Int or Categorical, got {p!r}")
+                raise InputError(f"{at}: expected Float, Int or Categorical, got {shown(p)}")
             problem = p._check()
             if problem:
-                raise InputError(f"{where}.{name}: {problem}")
+                raise InputError(f"{at}: {problem}")
         self._where = where
         self._params: dict[str, Param] = {}
         for name in self._order(params, where):
@@ -297,13 +299,14 @@ class Space:
             raise InputError(f"{where}: expected a table of parameters")
         params: dict[str, Param] = {}
         for name, spec in table.items():
-            at = f"{where}.{name}"
+            at = key_path(where, name)
+            PARAM_NAME.check(name, at)
             if not isinstance(spec, Mapping):
                 raise InputError(f'{at}: expected a table like {{type = "float", ...}}')
             kind = spec.get("type")
-            if kind not in _TYPES:
+            if not isinstance(kind, str) or kind not in _TYPES:
                 raise InputError(
-                    f"{at}.type: expected one of float, int, categorical (got {kind!r})"
+                    f"{at}.type: expected one of float, int, categorical (got {shown(kind)})"
                 )
             extra = set(spec) - _KEYS[kind]
             if extra:
