@@ -2,7 +2,10 @@
 
 Specification:
 - predictions over JSON and .npy equal a local forward of the same weights;
-- no token / a wrong token -> 401 on everything except /healthz, /readyz and the schema;
+- no token / a wrong token -> 401 on everything except /healthz and /readyz (the schema too);
+  there is no /docs or /redoc page;
+- a value that does not fit the requested dtype exactly (1000 as int8) is a 422 naming the
+  dtype and its range, never a wrapped or truncated value;
 - malformed JSON, wrong shapes, dtypes, sizes -> 4xx with a message, and the service stays up;
 - /metrics is Prometheus text with request, latency and batch-size series;
 - concurrent requests are batched (seen in the batch-size metric); --no-batching is not;
@@ -160,7 +163,8 @@ def test_health_probes_need_no_token(served) -> None:
     ids=["missing", "wrong", "basic", "empty"],
 )
 @pytest.mark.parametrize(
-    ("method", "path"), [("POST", "/v1/predict"), ("GET", "/v1/models"), ("GET", "/metrics")]
+    ("method", "path"),
+    [("POST", "/v1/predict"), ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/openapi.json")],
 )
 def test_requests_without_the_token_get_401(served, headers, method, path) -> None:
     rep, _ = served
@@ -175,6 +179,14 @@ def test_requests_without_the_token_get_401(served, headers, method, path) -> No
 def _npy_with_header(header: str, payload: bytes) -> bytes:
     h = header.encode("latin1")
     return b"\x93NUMPY\x01\x00" + len(h).to_bytes(2, "little") + h + payload
+
+
+def _npy_shape(shape: str) -> bytes:
+    return _npy_with_header(f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}", b"")
+
+
+def _inputs(row: list, dtype: str | None) -> bytes:
+    return json.dumps({"inputs": [row], "dtype": dtype}).encode()
 
 
 BAD_REQUESTS = {
@@ -229,6 +241,45 @@ BAD_REQUESTS = {
     "npy-wrong-shape": ("application/x-npy", encode_npy(np.zeros((2, 7), np.float32)), 422),
     "npy-complex": ("application/x-npy", encode_npy(np.zeros((2, 8), np.complex64)), 422),
     "form": ("application/x-www-form-urlencoded", b"a=1", 415),
+    # Values that do not fit the requested dtype exactly: never wrapped, truncated or inf.
+    "int8-wraps": ("application/json", _inputs([1000] + [0] * 7, "int8"), 422),
+    "uint8-negative": ("application/json", _inputs([-1] + [0] * 7, "uint8"), 422),
+    "int64-too-big": ("application/json", _inputs([2**63] + [0] * 7, "int64"), 422),
+    "int-nan": ("application/json", b'{"inputs": [[NaN,0,0,0,0,0,0,0]], "dtype": "int8"}', 422),
+    "int-inf": (
+        "application/json",
+        b'{"inputs": [[Infinity,0,0,0,0,0,0,0]], "dtype": "int16"}',
+        422,
+    ),
+    "float16-overflow": ("application/json", _inputs([70000.0] + [0] * 7, "float16"), 422),
+    "float32-overflow": ("application/json", _inputs([1e300] + [0] * 7, "float32"), 422),
+    "bool-two": ("application/json", _inputs([2] + [0] * 7, "bool"), 422),
+    "bool-mixed-with-numbers": ("application/json", _inputs([True] + [0.5] * 7, None), 422),
+    # .npy headers numpy would choke on (ValueError) after the size check passed.
+    "npy-huge-empty-2d": ("application/x-npy", _npy_shape("(2**70, 0)"), 400),
+    "npy-huge-empty-2d-literal": ("application/x-npy", _npy_shape(f"({2**70}, 0)"), 400),
+    "npy-huge-empty-3d": ("application/x-npy", _npy_shape(f"({2**40}, {2**40}, 0)"), 400),
+    "npy-subarray-descr": (
+        "application/x-npy",
+        _npy_with_header(
+            "{'descr': '(1000000000000,)f4', 'fortran_order': False, 'shape': (1,)}", b""
+        ),
+        422,
+    ),
+    "npy-unhashable-key": ("application/x-npy", _npy_with_header("{[1]: 2}", b""), 400),
+    "npy-fortran-not-bool": (
+        "application/x-npy",
+        _npy_with_header("{'descr': '<f4', 'fortran_order': 'no', 'shape': (1, 8)}", b"\0" * 32),
+        400,
+    ),
+    "npy-too-many-axes": (
+        "application/x-npy",
+        _npy_with_header(
+            f"{{'descr': '<f4', 'fortran_order': False, 'shape': {(1,) * 70}}}", b"\0" * 4
+        ),
+        400,
+    ),
+    "json-huge-int-literal": ("application/json", b'{"inputs": [[' + b"1" * 5000 + b"]]}", 400),
 }
 
 
@@ -241,6 +292,38 @@ def test_bad_input_gets_4xx_and_service_stays_up(served, api: httpx.Client, case
     detail = r.json()["detail"]
     assert isinstance(detail, str) and detail and "\n" not in detail
     _still_up(api, model)
+
+
+@pytest.mark.parametrize(
+    ("row", "dtype", "words"),
+    [
+        ([1000] + [0] * 7, "int8", "int8 (integers from -128 to 127)"),
+        ([0, -3] + [0] * 6, "uint16", "uint16 (integers from 0 to 65535)"),
+        ([0.5] + [0] * 7, "int32", "int32 (integers from -2147483648 to 2147483647)"),
+        ([70000] + [0] * 7, "float16", "float16 (finite numbers of magnitude up to 65504)"),
+        ([0, 0, 3] + [0] * 5, "bool", "bool (true/false, or 0/1)"),
+    ],
+)
+def test_dtype_misfit_names_the_dtype_and_its_range(
+    api: httpx.Client, row: list, dtype: str, words: str
+) -> None:
+    r = api.post("/v1/predict", json={"inputs": [row], "dtype": dtype})
+    assert r.status_code == 422, r.text
+    assert words in r.json()["detail"]
+
+
+def test_values_that_fit_are_served_exactly(served, api: httpx.Client) -> None:
+    _, model = served
+    row = [-128, 127, 0, 5, -7, 1, 2, 3]
+    r = api.post("/v1/predict", json={"inputs": [row], "dtype": "int8"})
+    assert r.status_code == 200, r.text
+    want = _local(model, np.asarray([row], np.float32))
+    np.testing.assert_allclose(r.json()["outputs"], want, rtol=1e-5, atol=1e-6)
+    # Integral floats are integers; booleans alone are 0/1.
+    r = api.post("/v1/predict", json={"inputs": [[2.0] * 8], "dtype": "uint8"})
+    assert r.status_code == 200, r.text
+    r = api.post("/v1/predict", json={"inputs": [[True, False] * 4], "dtype": "bool"})
+    assert r.status_code == 200, r.text
 
 
 def test_chunked_body_is_cut_off_at_the_limit(served, api: httpx.Client) -> None:
@@ -289,9 +372,17 @@ def test_metrics_are_prometheus_text(api: httpx.Client) -> None:
     assert _sample(fams, "aimass_serve_requests_total", route="/no/such/path/12345") == 0
 
 
-def test_openapi_schema_is_published(served) -> None:
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/docs/oauth2-redirect"])
+def test_no_interactive_docs_pages(served, api: httpx.Client, path: str) -> None:
     rep, _ = served
-    doc = httpx.get(rep.url + "/openapi.json", trust_env=False).json()
+    assert api.get(path).status_code == 404  # not even with the token
+    assert httpx.get(rep.url + path, trust_env=False).status_code in (401, 404)
+
+
+def test_openapi_schema_is_published_to_token_holders(api: httpx.Client) -> None:
+    r = api.get("/openapi.json")
+    assert r.status_code == 200, r.text
+    doc = r.json()
     predict = doc["paths"]["/v1/predict"]["post"]
     assert set(predict["requestBody"]["content"]) == {"application/json", "application/x-npy"}
     assert {"401", "413", "422"} <= set(predict["responses"])

@@ -163,3 +163,166 @@ def test_any_npy_body_is_accepted_or_refused_cleanly(
     body = encode_npy(arr) if arr.dtype.kind not in "OVUSmM" else b"\x93NUMPY" + junk
     _decode_and_check(body, npy=True)
     _decode_and_check(body[:-cut] if cut else body + junk, npy=True)  # truncated / padded
+
+
+# --- exact dtype fit of JSON values ---------------------------------------------------------
+def _json_body(values: list, dtype: str | None) -> bytes:
+    return json.dumps({"inputs": values, "dtype": dtype}).encode()
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "words"),
+    [
+        ([[1000, 1]], "int8", "value 1000 at [0][0] does not fit int8 (integers from -128 to 127)"),
+        ([[1, -128, -129]], "int8", "value -129 at [0][2]"),
+        ([[0, -1]], "uint8", "does not fit uint8 (integers from 0 to 255)"),
+        ([[-1]], "uint64", "does not fit uint64"),
+        ([[2**63]], "int64", "int64"),
+        ([[2**64]], "uint64", "integers beyond 64 bits"),
+        ([[1.5, 2]], "int32", "value 1.5 at [0][0] does not fit int32"),
+        ([[2**53 + 1, 0.5]], "int64", "value 0.5 at [0][1]"),
+        ([[70000]], "float16", "does not fit float16 (finite numbers of magnitude up to 65504)"),
+        ([[1e300, 1.0]], "float32", "does not fit float32"),
+        ([[2]], "bool", "value 2 at [0][0] does not fit bool (true/false, or 0/1)"),
+        ([[0.5]], "bool", "does not fit bool"),
+        ([[True, 2]], "int8", "mix true/false with numbers"),
+        ([[True, 2.5]], None, "mix true/false with numbers"),
+    ],
+)
+def test_json_values_must_fit_the_dtype_exactly(values: list, dtype: str, words: str) -> None:
+    with pytest.raises(BadInput) as info:
+        decode_json(_json_body(values, dtype))
+    assert info.value.status == 422 and words in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "dtype"),
+    [
+        (b'{"inputs": [[NaN, 1]], "dtype": "int8"}', "int8"),
+        (b'{"inputs": [[Infinity]], "dtype": "uint32"}', "uint32"),
+        (b'{"inputs": [[-Infinity, 1.0]], "dtype": "int64"}', "int64"),
+    ],
+)
+def test_json_nan_and_inf_never_become_integers(text: bytes, dtype: str) -> None:
+    with pytest.raises(BadInput, match=f"does not fit {dtype}"):
+        decode_json(text)
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "want"),
+    [
+        ([[-128, 127]], "int8", [[-128, 127]]),
+        ([[2.0, 255]], "uint8", [[2, 255]]),
+        ([[2**53 + 1, 1.0]], "int64", [[2**53 + 1, 1]]),  # not rounded through float64
+        ([[2**64 - 1, 0]], "uint64", [[2**64 - 1, 0]]),
+        ([[True, False]], "int16", [[1, 0]]),
+        ([[0, 1.0]], "bool", [[False, True]]),
+        ([[65504.0, -1]], "float16", [[65504.0, -1.0]]),
+    ],
+)
+def test_json_values_that_fit_are_exact(values: list, dtype: str, want: list) -> None:
+    arr = decode_json(_json_body(values, dtype))
+    assert arr.dtype == np.dtype(dtype) and arr.tolist() == want
+
+
+_INT_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+
+
+@given(
+    st.lists(
+        st.one_of(st.integers(-(2**65), 2**65), st.floats(allow_nan=True)), min_size=1, max_size=6
+    ),
+    st.sampled_from([*_INT_DTYPES, "bool", "float16", "float32", "float64"]),
+)
+@settings(max_examples=500, deadline=None)
+def test_json_numbers_are_exact_or_refused(values: list, dtype: str) -> None:
+    body = json.dumps({"inputs": [values], "dtype": dtype}).encode()
+    try:
+        arr = decode_json(body)
+    except BadInput as exc:
+        msg = str(exc)
+        assert exc.status == 422
+        assert f"does not fit {dtype}" in msg or "NaN" in msg or "64 bits" in msg, msg
+        return
+    assert arr.dtype == np.dtype(dtype)
+    got = arr[0].tolist()
+    if np.dtype(dtype).kind in "iub":
+        assert got == values  # exactly the numbers sent (1 == 1.0 == True)
+    else:
+        assert all(np.isfinite(got))  # rounded as floats round, never overflowed to inf
+        np.testing.assert_array_equal(arr[0], np.asarray(values, np.float64).astype(dtype))
+
+
+# --- .npy headers ---------------------------------------------------------------------------
+def _npy(header: str, payload: bytes = b"") -> bytes:
+    h = header.encode("utf-8")  # numpy reads latin1: non-ASCII text arrives as mojibake
+    return b"\x93NUMPY\x01\x00" + len(h).to_bytes(2, "little") + h + payload
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "words"),
+    [
+        (f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({2**70}, 0)}}", 400, "too large"),
+        (
+            f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({2**40}, {2**40}, 0)}}",
+            400,
+            "too large",
+        ),
+        (f"{{'descr': '<f4', 'fortran_order': False, 'shape': {(1,) * 65}}}", 400, "65 axes"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (-1, 0)}", 400, "invalid shape"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (True,)}", 400, "invalid shape"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': [1]}", 400, "invalid shape"),
+        ("{'descr': '<f4', 'fortran_order': 1, 'shape': (0,)}", 400, "fortran_order"),
+        ("{'descr': '(1000000000000,)f4', 'fortran_order': False, 'shape': (1,)}", 422, "dtype"),
+        ("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,)}", 422, "dtype"),
+        ("{'descr': '<c8', 'fortran_order': False, 'shape': (0,)}", 422, "dtype"),
+        ("{'descr': 'float32', 'fortran_order': False, 'shape': (0,)}", 422, "dtype"),
+        ("{[1]: 2}", 400, "unreadable"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (" * 200, 400, "unreadable"),
+    ],
+)
+def test_hostile_npy_headers_are_refused_before_numpy_sees_them(
+    header: str, status: int, words: str
+) -> None:
+    with pytest.raises(BadInput) as info:
+        decode_npy(_npy(header))
+    assert info.value.status == status and words in str(info.value), str(info.value)
+
+
+def test_large_but_empty_npy_shapes_numpy_can_hold_still_decode() -> None:
+    arr = decode_npy(_npy(f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({2**29}, 0)}}"))
+    assert arr.shape == (2**29, 0)
+    with pytest.raises(BadInput, match="no samples"):
+        check_batch(
+            decode_npy(_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (0, 3, 1)}")),
+            SPEC,
+            8,
+        )
+
+
+_shape_entries = st.one_of(
+    st.integers(0, 4), st.integers(-(2**70), 2**130), st.booleans(), st.floats(), st.none()
+)
+_descrs = st.one_of(
+    st.sampled_from(["<f4", ">f8", "|b1", "|u1", "<i8", "<c16", "|O", "<U3", "(3,)f4", "V8"]),
+    st.text(max_size=12),
+    st.integers(),
+)
+_npy_headers = st.builds(
+    lambda shape, descr, fortran, extra: repr(
+        {"descr": descr, "fortran_order": fortran, "shape": tuple(shape), **extra}
+    ),
+    st.one_of(
+        st.lists(_shape_entries, max_size=70),
+        st.lists(_shape_entries, min_size=1, max_size=3).map(lambda s: [*s, 0]),
+    ),
+    _descrs,
+    st.one_of(st.booleans(), st.integers(-1, 2), st.text(max_size=3)),
+    st.dictionaries(st.sampled_from(["x", "descr"]), st.integers(), max_size=1),
+)
+
+
+@given(_npy_headers, st.one_of(st.just(b""), st.binary(max_size=64)))
+@settings(max_examples=500, deadline=None)
+def test_any_npy_header_is_accepted_or_refused_cleanly(header: str, payload: bytes) -> None:
+    _decode_and_check(_npy(header, payload), npy=True)

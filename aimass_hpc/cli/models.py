@@ -316,18 +316,40 @@ def search(
 @models.command("promote")
 @click.argument("ref")
 @click.argument("alias")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="If the alias file is damaged, keep a copy of it and start a new history.",
+)
 @pass_ctx
-def promote(ctx: _Ctx, ref: str, alias: str) -> None:
-    """Point ALIAS of a model at REF (name:VERSION or name@OTHER_ALIAS)."""
+def promote(ctx: _Ctx, ref: str, alias: str, repair: bool) -> None:
+    """Point ALIAS of a model at REF (name:VERSION or name@OTHER_ALIAS).
+
+    A damaged alias file is refused (exit 6) so that its history is not lost silently; with
+    --repair it is kept as aliases/.ALIAS.json.corrupt-TIME and a new history starts.
+    """
     from aimass_hpc.repo import parse_ref
 
     repo = ctx.open()
     r = parse_ref(ref)
     target = repo.get(r)
-    previous = repo.aliases(r.name).get(alias)
-    repo.promote(r.name, target.number, alias)
+    try:
+        previous = repo.alias_version(r.name, alias)
+    except IntegrityError:
+        if not repair:
+            raise
+        previous = None
+    repo.promote(r.name, target.number, alias, repair=repair)
     was = f" (was {r.name}:{previous})" if previous is not None else ""
     click.echo(f"{r.name}@{alias} -> {target.ref}{was}")
+    if repair:
+        for entry in repo.alias_history(r.name, alias)[:1]:
+            if entry.get("action") == "repair" and previous is None:
+                click.echo(
+                    f"repaired {r.name}@{alias}: the damaged alias file ({entry.get('problem')}) "
+                    f"is kept as aliases/{entry.get('kept_as')}",
+                    err=True,
+                )
 
 
 @models.command("rollback")
@@ -339,7 +361,7 @@ def rollback(ctx: _Ctx, ref: str) -> None:
     if not sep or not alias:
         raise InputError(f"rollback needs NAME@ALIAS, got {ref!r}")
     repo = ctx.open()
-    before = repo.aliases(name).get(alias)
+    before = repo.alias_version(name, alias)
     v = repo.rollback(name, alias)
     click.echo(f"{name}@{alias} -> {v.ref} (was {name}:{before})")
 

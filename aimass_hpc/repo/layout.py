@@ -19,7 +19,12 @@ Why:
   its sidecar are fsynced, then the directory is fsynced: a crash leaves the old state or the
   complete new version. Committed files are never modified (HDF5 has no journal).
 - An alias is one small JSON file replaced by one rename (``fsutil.atomic_write_json``);
-  concurrent promotes of the same alias are last-writer-wins.
+  concurrent promotes of the same alias are last-writer-wins. Readers never see a partial
+  alias file, so one that does not parse is damaged: an IntegrityError naming the file, and
+  a repair keeps its bytes (``aliases/.<alias>.json.corrupt-<time>``).
+- Nothing under ``models/`` may lead out of the repository: a model directory (or its
+  ``versions``/``aliases``/``shards``) that is a symbolic link to elsewhere is refused for
+  reading and writing, so a save never writes and a load never reads outside the root.
 """
 
 from __future__ import annotations
@@ -33,15 +38,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import InputError, NotFoundError
+from aimass_hpc.errors import InputError, IntegrityError, NotFoundError
 from aimass_hpc.fsutil import atomic_write_json, fsync_dir, read_json
 from aimass_hpc.repo.refs import check_name
 
 MARKER = "aimass-repo.json"
-_COMMITTED = re.compile(r"^(\d{8,})\.h5$")
-_CLAIM = re.compile(r"^(\d{8,})\.claim$")
-_SIDECAR = re.compile(r"^(\d{8,})\.json$")
-_HIDDEN = re.compile(r"^\.(\d{8,})\.")
+_COMMITTED = re.compile(r"([0-9]{8,})\.h5")
+_CLAIM = re.compile(r"([0-9]{8,})\.claim")
+_SIDECAR = re.compile(r"([0-9]{8,})\.json")
+_HIDDEN = re.compile(r"\.([0-9]{8,})\.")
 
 
 def vname(number: int) -> str:
@@ -59,6 +64,7 @@ class ModelDir:
 
     def __init__(self, root: Path, name: str) -> None:
         self.name = check_name(name)
+        self.root = root
         self.dir = root / "models" / name
         self.versions = self.dir / "versions"
         self.aliases = self.dir / "aliases"
@@ -82,12 +88,29 @@ class ModelDir:
     def shard_dir(self, key: str) -> Path:
         return self.shards / check_name(key, "shard key")
 
+    def check_confined(self) -> None:
+        """Raise IntegrityError if this model's directories lead out of the repository.
+
+        Checked before every read and write: a symbolic link ``models/<name>`` (or its
+        ``versions``, ``aliases``, ``shards``) to another place is not followed, so saves
+        cannot write and loads cannot read outside the root. Links that stay inside are fine.
+        """
+        inside = os.path.realpath(self.root / "models")
+        for path in (self.dir, self.versions, self.aliases, self.shards):
+            real = os.path.realpath(path)
+            if real != inside and not real.startswith(inside + os.sep):
+                raise IntegrityError(
+                    f"model {self.name}: {path} leads out of the repository (to {real}); "
+                    "refusing to follow it: move the model into the repository or remove "
+                    "the link"
+                )
+
     # -- listing ----------------------------------------------------------------------------
 
     def _scan(self, pattern: re.Pattern[str]) -> list[int]:
         try:
             with os.scandir(self.versions) as it:
-                return sorted(int(m.group(1)) for e in it if (m := pattern.match(e.name)))
+                return sorted(int(m.group(1)) for e in it if (m := pattern.fullmatch(e.name)))
         except FileNotFoundError:
             return []
 
@@ -133,10 +156,43 @@ class ModelDir:
     # -- aliases ----------------------------------------------------------------------------
 
     def read_alias(self, alias: str) -> dict[str, Any] | None:
+        """The alias document, None if there is no such alias; IntegrityError if damaged."""
+        doc, problem = self.read_alias_raw(alias)
+        if problem is not None:
+            raise IntegrityError(
+                f"alias file {self.alias_file(alias)} is corrupt: {problem} "
+                f"(to start it anew, keeping a copy: aimass models promote --repair "
+                f"{self.name}:VERSION {alias})"
+            )
+        return doc
+
+    def read_alias_raw(self, alias: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(document, None), (None, None) if absent, or (None, what is wrong with it)."""
+        path = self.alias_file(alias)
         try:
-            return read_json(self.alias_file(alias))
-        except (FileNotFoundError, ValueError):
-            return None
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        except IsADirectoryError:
+            return None, "it is a directory, not a file"
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None, "not UTF-8 text"
+        except RecursionError:
+            return None, "not valid JSON (nested too deeply)"
+        except ValueError as exc:
+            return None, "empty file" if not raw.strip() else f"not valid JSON ({exc})"
+        problem = alias_problem(doc)
+        return (None, problem) if problem else (doc, None)
+
+    def set_aside_alias(self, alias: str) -> Path:
+        """Rename a damaged alias file out of the way (hidden, so never listed); its path."""
+        kept = self.aliases / f".{alias}.json.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+        kept = kept.with_name(f"{kept.name}-{secrets.token_hex(2)}")
+        os.rename(self.alias_file(alias), kept)
+        fsync_dir(self.aliases)
+        return kept
 
     def write_alias(self, alias: str, doc: dict[str, Any]) -> None:
         self.aliases.mkdir(parents=True, exist_ok=True)
@@ -149,6 +205,28 @@ class ModelDir:
             return sorted(n[:-5] for n in names if n.endswith(".json"))
         except FileNotFoundError:
             return []
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def alias_problem(doc: Any) -> str | None:
+    """What is wrong with an alias document, or None: ``version`` a positive int, ``stack``
+    a list of them, ``log`` a list of objects (both optional)."""
+    if not isinstance(doc, dict):
+        kind = "null" if doc is None else type(doc).__name__
+        return f"it holds {kind}, not an object"
+    if not _positive_int(doc.get("version")):
+        shown = repr(doc.get("version"))[:40]
+        return f'"version" is {shown}, not a positive integer'
+    stack = doc.get("stack", [])
+    if not isinstance(stack, list) or not all(_positive_int(n) for n in stack):
+        return '"stack" is not a list of positive integers'
+    log = doc.get("log", [])
+    if not isinstance(log, list) or not all(isinstance(e, dict) for e in log):
+        return '"log" is not a list of objects'
+    return None
 
 
 def writer_alive(info: dict[str, Any], mtime: float, grace_seconds: float) -> bool:

@@ -200,3 +200,83 @@ def check_number(value: Any, field: str, integer: bool = False) -> float | int |
         kind = "a non-negative integer" if integer else "a non-negative number"
         raise InputError(f"{field} must be {kind}, got {value!r}")
     return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# The stored fields readers rely on, with the type each must have when present (None is
+# always allowed: "not recorded"). Anything else in a metadata document is passed through.
+_STORED_FIELDS: dict[str, tuple[str, Any]] = {
+    "name": ("a string", lambda v: isinstance(v, str)),
+    "version": ("an integer", _is_int),
+    "kind": ("a string", lambda v: isinstance(v, str)),
+    "created": ("a string", lambda v: isinstance(v, str)),
+    "created_ts": ("a number", _is_number),
+    "contents": ("a list of strings", _str_list),
+    "tags": ("a list of strings", _str_list),
+    "metrics": (
+        "an object of numbers",
+        lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+    ),
+    "hyperparameters": ("an object", lambda v: isinstance(v, dict)),
+    "dtypes": (
+        "an object of counts",
+        lambda v: isinstance(v, dict) and all(_is_int(x) for x in v.values()),
+    ),
+    "framework": ("an object", lambda v: isinstance(v, dict)),
+    "parent": ("a string", lambda v: isinstance(v, str)),
+    "description": ("a string", lambda v: isinstance(v, str)),
+    "file_size": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "param_count": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "tensor_count": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "tensor_bytes": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "flops_per_sample": ("a non-negative number", lambda v: _is_number(v) and v >= 0),
+    "peak_memory_bytes": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "shard_key": ("a string", lambda v: isinstance(v, str)),
+    "world_size": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "shards": ("a list of objects", lambda v: isinstance(v, list)),
+}
+
+
+def stored_problem(meta: Any) -> str | None:
+    """What is wrong with a stored metadata document (sidecar or file), or None if usable.
+
+    Readers (``aimass models ls/show/search``, loading) index these fields by type; a
+    document edited by hand or damaged must be caught here, not end in a traceback.
+    """
+    if not isinstance(meta, dict):
+        return f"holds {type(meta).__name__}, not an object"
+    for key, (kind, ok) in _STORED_FIELDS.items():
+        value = meta.get(key)
+        if value is not None and not ok(value):
+            return f"field {key!r} is {_short(value)}, not {kind}"
+    if meta.get("kind") == "sharded":
+        shards = meta.get("shards")
+        if not isinstance(shards, list) or not shards:
+            return "field 'shards' of a sharded version is missing or empty"
+        for i, s in enumerate(shards):
+            if not isinstance(s, dict):
+                return f"shard entry {i} is {_short(s)}, not an object"
+            if s.get("rank") != i or not _is_int(s.get("rank")):
+                return f"shard entry {i} has rank {_short(s.get('rank'))}, not {i}"
+            if not isinstance(s.get("file"), str) or not s["file"]:
+                return f"shard entry {i} has file {_short(s.get('file'))}, not a path"
+            size = s.get("size")
+            if size is not None and not (_is_int(size) and size >= 0):
+                return f"shard entry {i} has size {_short(size)}, not a non-negative integer"
+    return None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -142,6 +142,7 @@ class ModelRepository:
         meta.update(_tensor_stats(pool))
         md = ModelDir(self.root, name)
         with os_errors(f"saving model {name} in {self.root}"):
+            md.check_confined()
             number = md.allocate()
             _stage("claimed")
             meta.update(name=name, version=number, alignment=alignment)
@@ -271,6 +272,7 @@ class ModelRepository:
         }
         target = md.shard_dir(key) / _shard_file(rank, world_size)
         with os_errors(f"saving shard {rank} of model {name}"):
+            md.check_confined()
             target.parent.mkdir(parents=True, exist_ok=True)
             publish_file(
                 target,
@@ -303,6 +305,7 @@ class ModelRepository:
             raise InputError(f"commit_shards got unknown arguments: {', '.join(sorted(unknown))}")
         meta = self._user_metadata(name, **{k: kwargs.get(k) for k in allowed})
         with os_errors(f"committing shards {key} of model {name}"):
+            md.check_confined()
             if not sdir.is_dir():
                 raise NotFoundError(f"no shards saved under key {key!r} for model {name}")
             present = {p.name for p in sdir.iterdir() if not p.name.startswith(".")}
@@ -353,6 +356,7 @@ class ModelRepository:
 
     def _model(self, name: str) -> ModelDir:
         md = ModelDir(self.root, name)
+        md.check_confined()  # never read through a link out of the repository
         if not md.exists():
             raise NotFoundError(f"unknown model {name!r} in {self.root}")
         return md
@@ -371,7 +375,7 @@ class ModelRepository:
             if doc is None:
                 known = ", ".join(md.alias_names()) or "none"
                 raise NotFoundError(f"model {r.name} has no alias {r.alias!r} (aliases: {known})")
-            n = int(doc["version"])
+            n = doc["version"]  # a positive int: read_alias checked it
             if not md.h5(n).exists():
                 raise NotFoundError(
                     f"alias {r.name}@{r.alias} points to {r.name}:{n}, which was deleted "
@@ -387,15 +391,24 @@ class ModelRepository:
         path = md.h5(n)
         try:
             meta = read_json(md.sidecar(n))
-            if not isinstance(meta, dict):
-                raise ValueError("not an object")
-        except (OSError, ValueError):
-            # No sidecar (lost, or written by hand): the file itself is authoritative.
+            if metadata.stored_problem(meta) is not None:
+                raise ValueError("damaged")
+        except (OSError, ValueError, RecursionError):
+            # No usable sidecar (lost, damaged, written by hand): the file is authoritative.
+            label = f"model {md.name}:{n}"
             try:
-                meta = h5format.read_metadata(path, f"model {md.name}:{n}")
+                meta = h5format.read_metadata(path, label)
             except IntegrityError as exc:
                 # Still list it (and let verify/load say what is wrong) rather than hide it.
                 meta = {"name": md.name, "version": n, "unreadable": str(exc)}
+            else:
+                problem = metadata.stored_problem(meta)
+                if problem is not None:
+                    meta = {
+                        "name": md.name,
+                        "version": n,
+                        "damaged": f"{label}: metadata in {path} is damaged: {problem}",
+                    }
         return Version(md.name, n, path, meta)
 
     def _versions(self, md: ModelDir) -> list[Version]:
@@ -423,10 +436,12 @@ class ModelRepository:
             out = []
             for name in entries:
                 try:
-                    if ModelDir(self.root, name).committed():
-                        out.append(name)
+                    md = ModelDir(self.root, name)
                 except InputError:
                     continue  # not a name we created
+                md.check_confined()  # say so, rather than list what lies elsewhere
+                if md.committed():
+                    out.append(name)
             return out
 
     def versions(self, name: str) -> list[Version]:
@@ -462,11 +477,13 @@ class ModelRepository:
 
     def _files(self, v: Version) -> list[tuple[str, Path, int | None]]:
         """(label, path, expected size) of the file(s) holding a version's tensors."""
+        if "damaged" in v.metadata:  # neither sidecar nor file says what the version holds
+            raise IntegrityError(str(v.metadata["damaged"]))
         if v.kind != "sharded":
             return [(f"model {v.ref}", v.path, v.metadata.get("file_size"))]
         md = ModelDir(self.root, v.name)
         return [
-            (f"model {v.ref} shard {s['rank']}", md.dir / s["file"], s.get("size"))
+            (f"model {v.ref} shard {s['rank']}", _shard_path(md, v, s["file"]), s.get("size"))
             for s in v.metadata.get("shards", [])
         ]
 
@@ -584,25 +601,43 @@ class ModelRepository:
     # ---------------------------------------------------------------------------- aliases
 
     def aliases(self, name: str) -> dict[str, int]:
-        """``{alias: version number}`` for ``name``."""
+        """``{alias: version number}`` for ``name``; IntegrityError naming a damaged file."""
         md = self._model(name)
         with os_errors(f"reading aliases of {name}"):
             out = {}
             for alias in md.alias_names():
                 doc = md.read_alias(alias)
                 if doc is not None:
-                    out[alias] = int(doc["version"])
+                    out[alias] = doc["version"]
             return out
+
+    def alias_version(self, name: str, alias: str) -> int | None:
+        """The version ``name@alias`` points at, None if unset; IntegrityError if damaged."""
+        md = self._model(name)
+        check_name(alias, "alias")
+        with os_errors(f"reading alias {name}@{alias}"):
+            doc = md.read_alias(alias)
+        return None if doc is None else doc["version"]
 
     def alias_history(self, name: str, alias: str) -> list[dict[str, Any]]:
         """The alias's log, oldest first: action, version, previous, at, user, host."""
-        doc = self._model(name).read_alias(alias)
+        md = self._model(name)
+        check_name(alias, "alias")
+        with os_errors(f"reading alias {name}@{alias}"):
+            doc = md.read_alias(alias)
         if doc is None:
             raise NotFoundError(f"model {name} has no alias {alias!r}")
         return list(doc.get("log", []))
 
-    def promote(self, name: str, version: int | str | Version, alias: str) -> Version:
-        """Point ``name@alias`` at ``version`` (a number, a ref or a Version): one rename."""
+    def promote(
+        self, name: str, version: int | str | Version, alias: str, *, repair: bool = False
+    ) -> Version:
+        """Point ``name@alias`` at ``version`` (a number, a ref or a Version): one rename.
+
+        A damaged alias file is an IntegrityError (its history would be lost) unless
+        ``repair``: then the file is kept as ``aliases/.<alias>.json.corrupt-<time>`` and
+        the new history starts with a ``repair`` entry naming that copy.
+        """
         check_alias(alias)
         if isinstance(version, Version):
             target = self.get(version.ref)
@@ -614,7 +649,24 @@ class ModelRepository:
             raise InputError(f"cannot point {name}@{alias} at {target.ref}: another model")
         md = self._model(name)
         with os_errors(f"promoting {target.ref} to {name}@{alias}"):
-            doc = md.read_alias(alias) or {"alias": alias, "name": name, "stack": [], "log": []}
+            doc, problem = md.read_alias_raw(alias)
+            fresh: dict[str, Any] = {"alias": alias, "name": name, "stack": [], "log": []}
+            if problem is not None:
+                if not repair:
+                    md.read_alias(alias)  # raises the IntegrityError naming the file
+                kept = md.set_aside_alias(alias)
+                env = metadata.environment()
+                fresh["log"].append(
+                    {
+                        "action": "repair",
+                        "problem": problem,
+                        "kept_as": kept.name,
+                        "at": env["created"],
+                        "user": env["user"],
+                        "host": env["host"],
+                    }
+                )
+            doc = doc or fresh
             previous = doc.get("version")
             if previous == target.number:
                 return target
@@ -625,6 +677,7 @@ class ModelRepository:
     def rollback(self, name: str, alias: str) -> Version:
         """Point ``name@alias`` back at its previous target (repeatable); returns it."""
         md = self._model(name)
+        check_name(alias, "alias")
         with os_errors(f"rolling back {name}@{alias}"):
             doc = md.read_alias(alias)
             if doc is None:
@@ -675,7 +728,15 @@ class ModelRepository:
             )
         v = self.get(r)
         md = self._model(v.name)
-        pointing = sorted(a for a, n in self.aliases(v.name).items() if n == v.number)
+        try:
+            pointing = sorted(a for a, n in self.aliases(v.name).items() if n == v.number)
+        except IntegrityError as exc:
+            if not force:
+                raise IntegrityError(
+                    f"{exc}; cannot tell whether it points at {v.ref}: repair it first, or "
+                    "force the delete"
+                ) from None
+            pointing = []
         if pointing and not force:
             raise ConflictError(
                 f"{v.ref} is the target of alias {', '.join(pointing)}: promote another version "
@@ -712,6 +773,7 @@ class ModelRepository:
                     md = ModelDir(self.root, name)
                 except InputError:
                     continue
+                md.check_confined()  # never remove anything outside the repository
                 self._gc_model(md, grace_seconds, report)
         return report
 
@@ -743,7 +805,11 @@ class ModelRepository:
                         remove(path)
                     else:
                         report.kept_in_progress.append(str(path))
-                elif entry.name.endswith(".json") and entry.name[:-5].isdigit():
+                elif (
+                    entry.name.endswith(".json")
+                    and entry.name[:-5].isascii()
+                    and entry.name[:-5].isdigit()
+                ):
                     n = int(entry.name[:-5])
                     if n in committed:
                         continue
@@ -776,7 +842,13 @@ class ModelRepository:
         v = self.get(ref)
         report = VerifyReport(ref=v.ref, path=str(v.path), ok=True)
         with os_errors(f"verifying {v.ref}"):
-            for r, item in enumerate(self._files(v)):
+            try:
+                files = self._files(v)
+            except IntegrityError as exc:
+                report.ok = False
+                report.error = str(exc).removeprefix(f"model {v.ref}: ")
+                return report
+            for r, item in enumerate(files):
                 label = item[0]
                 try:
                     cf = self._open(item, v, r if v.kind == "sharded" else None)
@@ -872,6 +944,33 @@ class _Background:
 
 def _shard_file(rank: int, world_size: int) -> str:
     return f"rank-{rank:05d}-of-{world_size:05d}.h5"
+
+
+def _shard_path(md: ModelDir, v: Version, file: str) -> Path:
+    """The shard file a sharded version's metadata names, confined to its shard directory.
+
+    The metadata is data on a shared filesystem, not trusted: an absolute path, ``..``, or
+    a symbolic link leading out of ``shards/<key>/`` is an IntegrityError naming the version.
+    """
+    key = v.metadata.get("shard_key")
+    try:
+        sdir = md.shard_dir(key)
+    except InputError:
+        raise IntegrityError(f"{v.ref}: invalid shard key {key!r} in its metadata") from None
+    rel = Path(file)
+    if rel.is_absolute() or ".." in rel.parts or rel.parts[:2] != ("shards", key):
+        raise IntegrityError(
+            f"{v.ref}: shard path {file!r} is not inside the version's shard directory "
+            f"shards/{key}/"
+        )
+    path = md.dir / rel
+    inside = os.path.realpath(sdir)
+    real = os.path.realpath(path)
+    if not real.startswith(inside + os.sep):
+        raise IntegrityError(
+            f"{v.ref}: shard path {file!r} leads out of its shard directory (to {real})"
+        )
+    return path
 
 
 def _contents(

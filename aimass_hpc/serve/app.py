@@ -9,7 +9,9 @@ Routes::
     GET  /healthz      alive (no token: a probe must not need secrets).
     GET  /readyz       200 when the model is loaded and warmed up, 503 while loading/draining.
     GET  /metrics      Prometheus text format. Bearer token required.
-    GET  /openapi.json the schema (no token).
+    GET  /openapi.json the schema. Bearer token required.
+
+There is no ``/docs`` or ``/redoc`` page (see :func:`create_app` for why).
 
 The predict body is read and decoded by hand (not by pydantic) so that a large tensor is
 parsed once, by numpy, and the body-size limit is enforced while reading. The OpenAPI schema
@@ -222,7 +224,7 @@ async def answer_predict(
         declared = header("content-length")
         limit = state.config.max_body_bytes
         if declared is not None:
-            if not declared.isdigit():
+            if not (declared.isascii() and declared.isdigit()):
                 raise BadInput("Content-Length is not a number", 400)
             if int(declared) > limit:
                 raise BadInput(f"body of {declared} bytes exceeds the limit of {limit} bytes", 413)
@@ -296,12 +298,24 @@ class PredictFastPath:
 
 
 def create_app(state: ServiceState, token: str, metrics: ServeMetrics | None = None) -> FastAPI:
-    """The FastAPI app of one replica; ``token`` guards everything but health and schema."""
+    """The FastAPI app of one replica; ``token`` guards everything but the health probes.
+
+    The schema follows the API's auth: it names the exact input shape of the model and the
+    routes, which is what ``GET /v1/models`` tells only token holders, so ``/openapi.json``
+    needs the token as well. The Swagger UI (``/docs``) and ReDoc (``/redoc``) pages are off:
+    a browser opening them cannot send a bearer header, so behind the token they could only
+    show a 401, and without it they would publish the schema to anyone who can reach the
+    node. Users who want the interactive page fetch the schema with the token
+    (``curl -H "Authorization: Bearer $(cat serve.token)" .../openapi.json``) and load it
+    into any OpenAPI viewer.
+    """
     metrics = metrics or ServeMetrics(ROUTES)
     app = FastAPI(
         title="aimass model service",
         version=__version__,
         description="Predictions from a model of the aimass repository, served on a cluster.",
+        openapi_url=None,  # served below, behind the token
+        docs_url=None,
         redoc_url=None,
     )
     app.state.service = state
@@ -426,6 +440,11 @@ def create_app(state: ServiceState, token: str, metrics: ServeMetrics | None = N
         return doc
 
     app.openapi = model_openapi  # type: ignore[method-assign]
+
+    @app.get("/openapi.json", dependencies=[Depends(require_token)], include_in_schema=False)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     app.add_middleware(PredictFastPath, state=state, token=token)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer
     return app

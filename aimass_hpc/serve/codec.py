@@ -15,6 +15,8 @@ import ast
 import functools
 import io
 import json
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,13 +89,18 @@ def _dtype_from_name(name: Any, where: str) -> np.dtype:
 
 
 def decode_json(body: bytes) -> np.ndarray:
-    """Parse ``{"inputs": [[...], ...], "dtype": "float32"?}`` into an array."""
+    """Parse ``{"inputs": [[...], ...], "dtype": "float32"?}`` into an array.
+
+    With ``dtype`` every value must fit it exactly (see :func:`_fit_dtype`); without it the
+    dtype is inferred and :func:`check_batch` holds the values to the model's dtype.
+    """
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInput(f"body is not valid JSON: {exc}", 400) from None
     except RecursionError:
         raise BadInput("body is not valid JSON: nested too deeply", 400) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of >4300 digits
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInput(f"body is not valid JSON: {reason}", 400) from None
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise BadInput('JSON body must be an object with an "inputs" field')
     extra = set(doc) - {"inputs", "dtype"}
@@ -105,20 +112,100 @@ def decode_json(body: bytes) -> np.ndarray:
     dtype = _dtype_from_name(doc["dtype"], '"dtype"') if doc.get("dtype") is not None else None
     try:
         arr = np.asarray(inputs)
-    except (ValueError, TypeError, RecursionError, OverflowError):
-        raise BadInput('"inputs" must be a rectangular nested list of numbers') from None
+    except (ValueError, TypeError, RecursionError, OverflowError, MemoryError):
+        raise BadInput(_NOT_NUMBERS) from None
     if arr.dtype.kind not in "biuf":
-        # object (ragged / None), str, bytes: nothing a model can take.
-        raise BadInput('"inputs" must be a rectangular nested list of numbers')
-    if dtype is not None:
-        if not np.can_cast(arr.dtype, dtype, casting="same_kind") and arr.size:
-            raise BadInput(f'"inputs" hold {arr.dtype.name} values, not {dtype.name}')
-        try:
-            with np.errstate(over="raise", invalid="raise"):
-                arr = arr.astype(dtype, copy=False)
-        except (OverflowError, FloatingPointError, ValueError):
-            raise BadInput(f'"inputs" values do not fit dtype {dtype.name}') from None
-    return arr
+        # object (ragged, None, integers beyond 64 bits), str, bytes: nothing a model can take.
+        raise BadInput(_NOT_NUMBERS)
+    if arr.dtype.kind != "b" and (b"true" in body or b"false" in body):
+        # numpy would silently read true as 1 next to numbers. After the checks above the only
+        # place these bare words can be is a boolean inside "inputs" (the other strings in the
+        # document are field names and a dtype name): refuse the mix rather than guess.
+        raise BadInput('"inputs" mix true/false with numbers: send all booleans or all numbers')
+    if dtype is None:
+        return arr
+    return _fit_dtype(arr, inputs, dtype)
+
+
+_NOT_NUMBERS = (
+    '"inputs" must be a rectangular nested list of numbers '
+    "(no strings, nulls or integers beyond 64 bits)"
+)
+# Above this magnitude float64 cannot hold every integer: JSON integers that numpy read as
+# float64 (because floats were next to them) may have been rounded.
+_FLOAT64_EXACT_INT = 2**53
+
+
+def value_range(dtype: np.dtype) -> str:
+    """What values ``dtype`` holds exactly, as text for error messages."""
+    if dtype.kind == "b":
+        return "true/false, or 0/1"
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return f"integers from {info.min} to {info.max}"
+    return f"finite numbers of magnitude up to {float(np.finfo(dtype).max):.6g}"
+
+
+def _misfit(arr: np.ndarray, bad: np.ndarray, dtype: np.dtype, where: str) -> BadInput:
+    """The 422 for the first value of ``arr`` flagged in ``bad``."""
+    index = np.unravel_index(int(np.flatnonzero(bad)[0]), arr.shape)
+    value = arr[index].item()
+    at = "[" + "][".join(str(int(i)) for i in index) + "]"
+    count = int(bad.sum())
+    more = f"; {count} values do not fit" if count > 1 else ""
+    return BadInput(
+        f"{where} value {value!r} at {at} does not fit {dtype.name} ({value_range(dtype)}){more}"
+    )
+
+
+def _fit_dtype(arr: np.ndarray, inputs: list[Any], dtype: np.dtype) -> np.ndarray:
+    """``arr`` (what numpy inferred from ``inputs``) as ``dtype``, or a 422 naming the value.
+
+    Exact or refused: no integer wraps (1000 as int8), no negative becomes unsigned, no float
+    is truncated into an integer dtype, NaN/inf never become integers, no finite number
+    overflows to inf in a float dtype, and booleans take only 0 and 1. Float dtypes round as
+    floats always do.
+    """
+    where = '"inputs"'
+    if arr.size == 0:
+        return arr.astype(dtype)
+    if dtype.kind == "b":
+        if arr.dtype.kind == "b":
+            return arr
+        bad = ~((arr == 0) | (arr == 1))  # NaN compares unequal: refused too
+        if bad.any():
+            raise _misfit(arr, bad, dtype, where)
+        return arr.astype(dtype)
+    if arr.dtype.kind == "b":
+        return arr.astype(dtype)  # true/false are exactly 1/0 in any numeric dtype
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        with np.errstate(invalid="ignore"):
+            if arr.dtype.kind == "f":
+                ok = np.isfinite(arr) & (np.floor(arr) == arr)
+                ok &= (arr >= info.min) & (arr <= info.max)
+            else:
+                ok = (arr >= info.min) & (arr <= info.max)
+        if not ok.all():
+            raise _misfit(arr, ~ok, dtype, where)
+        if arr.dtype.kind == "f" and np.abs(arr).max() >= _FLOAT64_EXACT_INT:
+            # Convert from the parsed Python numbers, which are exact (and all integral).
+            try:
+                return np.array(inputs, dtype=dtype)
+            except (OverflowError, ValueError, TypeError):
+                raise BadInput(
+                    f"{where} values do not fit {dtype.name} ({value_range(dtype)})"
+                ) from None
+        return arr.astype(dtype)
+    # float dtypes
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise BadInput(f"{where} contain NaN or infinity")
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = arr.astype(dtype)
+    bad = ~np.isfinite(cast)
+    if bad.any():
+        raise _misfit(arr, bad, dtype, where)
+    return cast
 
 
 def decode_npy(body: bytes) -> np.ndarray:
@@ -136,12 +223,10 @@ def decode_npy(body: bytes) -> np.ndarray:
         start = 12
     else:
         raise BadInput(f"unsupported .npy format version {major}", 400)
-    if hlen > 65536 or start + hlen > len(body):
+    if hlen > _NPY_MAX_HEADER or start + hlen > len(body):
         raise BadInput("body is not a .npy array (truncated header)", 400)
     shape, dtype, fortran = _npy_header(bytes(body[start : start + hlen]))
-    count = 1
-    for d in shape:
-        count *= d
+    count = math.prod(shape)
     payload = memoryview(body)[start + hlen :]
     if count * dtype.itemsize != len(payload):
         raise BadInput(
@@ -153,27 +238,55 @@ def decode_npy(body: bytes) -> np.ndarray:
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
+_NPY_MAX_HEADER = 65536
+_NPY_MAX_DIMS = 32
+# Largest element count times item size numpy can index, with a margin: beyond it even an
+# empty array (one axis 0) of that shape cannot be made, and numpy says so with a ValueError.
+_NPY_MAX_EXTENT = 2**62
+# The only descr strings np.save writes for the allowed dtypes (any byte order).
+_NPY_DESCR = re.compile(r"[<>|=]?(b1|[iu][1248]|f[248])")
+
+
 @functools.lru_cache(maxsize=256)
 def _npy_header(text: bytes) -> tuple[tuple[int, ...], np.dtype, bool]:
-    """(shape, dtype, fortran order) of a .npy header; cached, clients repeat their shapes."""
+    """(shape, dtype, fortran order) of a .npy header; cached, clients repeat their shapes.
+
+    Every field is checked before anything is built from it: ``descr`` must be the plain
+    descr of an allowed dtype (never handed to ``np.dtype`` otherwise: a descr like
+    ``(10**12,)f4`` or a structured list is refused as text), ``fortran_order`` a bool, and
+    ``shape`` a tuple of at most 32 non-negative ints whose extent numpy can represent.
+    """
     try:
         header = ast.literal_eval(text.decode("latin1"))
-    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+    except Exception:  # ValueError, SyntaxError, TypeError ({[1]: 2}), MemoryError, ...
         raise BadInput("body is not a .npy array (unreadable header)", 400) from None
     if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
         raise BadInput("body is not a .npy array (bad header keys)", 400)
-    shape = header["shape"]
+    shape, descr, fortran = header["shape"], header["descr"], header["fortran_order"]
+    if not isinstance(fortran, bool):
+        raise BadInput(f".npy header has fortran_order {fortran!r}, not True or False", 400)
     if not isinstance(shape, tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise BadInput(".npy header has an invalid shape", 400)
-    try:
-        dtype = np.dtype(header["descr"])
-    except (TypeError, ValueError):
-        raise BadInput(f".npy header has an invalid dtype {header['descr']!r}", 400) from None
-    if dtype.name not in ALLOWED_DTYPES or dtype.hasobject:
-        raise BadInput(f"unsupported dtype {dtype.str!r} in .npy body")
-    return shape, dtype, header["fortran_order"] is True
+        raise BadInput(f".npy header has an invalid shape {_clip(shape)}", 400)
+    if len(shape) > _NPY_MAX_DIMS:
+        raise BadInput(f".npy header has {len(shape)} axes, at most {_NPY_MAX_DIMS}", 400)
+    if not isinstance(descr, str):
+        raise BadInput(f"unsupported dtype {_clip(descr)} in .npy body")
+    if not _NPY_DESCR.fullmatch(descr):
+        raise BadInput(
+            f"unsupported dtype {_clip(descr)} in .npy body; use one of {sorted(ALLOWED_DTYPES)}"
+        )
+    dtype = np.dtype(descr)
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize >= _NPY_MAX_EXTENT:
+        raise BadInput(f".npy header shape {_clip(shape)} is too large", 400)
+    return shape, dtype, fortran
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (headers may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_batch(arr: np.ndarray, spec: InputSpec, max_rows: int) -> np.ndarray:
@@ -202,10 +315,13 @@ def check_batch(arr: np.ndarray, spec: InputSpec, max_rows: int) -> np.ndarray:
             raise BadInput(f"inputs are {arr.dtype.name}, the model takes {spec.dtype.name}")
         with np.errstate(over="ignore", invalid="ignore"):
             cast = arr.astype(spec.dtype)
+        out_of_range = BadInput(
+            f"input values are out of the {spec.dtype.name} range ({value_range(spec.dtype)})"
+        )
         if spec.dtype.kind == "f" and not np.isfinite(cast).all():
-            raise BadInput(f"input values are out of the {spec.dtype.name} range")
+            raise out_of_range
         if spec.dtype.kind in "iu" and not np.array_equal(cast, arr):
-            raise BadInput(f"input values are out of the {spec.dtype.name} range")
+            raise out_of_range
         arr = cast
     return np.ascontiguousarray(arr)
 

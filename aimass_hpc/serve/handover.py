@@ -60,7 +60,7 @@ def submit_replacement(run_dir: str, array_task: str | None) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"sbatch refused the replacement: {proc.stderr.strip()[:300]}")
     job_id = proc.stdout.strip().splitlines()[-1].split(";")[0].strip()
-    if not job_id.isdigit():
+    if not (job_id.isascii() and job_id.isdigit()):
         raise RuntimeError(f"sbatch printed no job id: {proc.stdout.strip()!r}")
     return f"{job_id}_{array_task}" if array_task is not None else job_id
 
