@@ -8,12 +8,57 @@ instant leaves either the old file or the new one, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from aimass_hpc.errors import AimassError, InputError, SchedulerError
+
+# What an OSError says about whose problem it is. These mean the path itself is unusable -- a
+# parent is a regular file, a name is too long, no permission, a read-only filesystem -- which
+# the user fixes by giving another path (exit 2). Anything else (a full disk, a quota, an I/O
+# error, a stale NFS handle) is the system failing (exit 5).
+PATH_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+        errno.EINVAL,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+    }
+)
+
+
+def shown_path(path: str | os.PathLike[str], limit: int = 160) -> str:
+    """``path`` for a one-line message: long ones are cut in the middle."""
+    text = os.fspath(path)
+    if len(text) <= limit:
+        return text
+    half = limit // 2 - 2
+    return f"{text[:half]}...{text[-half:]}"
+
+
+def os_error(exc: OSError, what: str) -> AimassError:
+    """A one-line user error for ``exc``, met while doing ``what`` (which names the path).
+
+    :data:`PATH_ERRNOS` become :class:`InputError` (exit 2: give another path), the rest
+    :class:`SchedulerError` (exit 5: a system failure). The OS reason ends the message.
+    """
+    reason = exc.strerror or exc.__class__.__name__
+    code = errno.errorcode.get(exc.errno or 0)
+    if code:
+        reason = f"{reason} ({code})"
+    cls = InputError if exc.errno in PATH_ERRNOS else SchedulerError
+    return cls(f"{what}: {reason}")
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

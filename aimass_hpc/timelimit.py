@@ -21,14 +21,19 @@ import re
 
 UNLIMITED_WORDS = frozenset({"UNLIMITED", "INFINITE", "INFINITY", "PARTITION_LIMIT"})
 
-_PATTERNS = (
-    # (regex, field names) in the order Slurm documents them.
-    (re.compile(r"^(?P<m>\d+)$"), ("m",)),
-    (re.compile(r"^(?P<m>\d+):(?P<s>\d+)$"), ("m", "s")),
-    (re.compile(r"^(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)(?:\.\d+)?$"), ("h", "m", "s")),
-    (re.compile(r"^(?P<d>\d+)-(?P<h>\d+)$"), ("d", "h")),
-    (re.compile(r"^(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+)$"), ("d", "h", "m")),
-    (re.compile(r"^(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)(?:\.\d+)?$"), ("d", "h", "m", "s")),
+_PATTERNS = tuple(
+    # (regex, field names) in the order Slurm documents them. ASCII digits only (``\d`` would
+    # take any script's digits, which Slurm does not); ``\Z``, not ``$``, which would let a
+    # trailing newline through.
+    (re.compile(pattern, re.ASCII), fields)
+    for pattern, fields in (
+        (r"^(?P<m>\d+)\Z", ("m",)),
+        (r"^(?P<m>\d+):(?P<s>\d+)\Z", ("m", "s")),
+        (r"^(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)(?:\.\d+)?\Z", ("h", "m", "s")),
+        (r"^(?P<d>\d+)-(?P<h>\d+)\Z", ("d", "h")),
+        (r"^(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+)\Z", ("d", "h", "m")),
+        (r"^(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)(?:\.\d+)?\Z", ("d", "h", "m", "s")),
+    )
 )
 
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}

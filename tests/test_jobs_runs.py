@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from _sitefixtures import local_site  # noqa: F401 - fixture
@@ -195,3 +196,123 @@ def test_find_run_finds_search_trials_by_job_id(tmp_path):
     assert find_run("4242", tmp_path).path == run.path
     with pytest.raises(NotFoundError, match="4243"):
         find_run("4243", tmp_path)
+
+
+# ------------------------------------------------------------ a runs root that cannot be written
+
+
+def _fail_with(monkeypatch, code: int, when=lambda path: True):
+    """Make the run directory's atomic writes fail with OS error ``code`` (for matching paths)."""
+    import aimass_hpc.runs as runs_mod
+
+    real_text, real_json = runs_mod.atomic_write_text, runs_mod.atomic_write_json
+
+    def wrap(real):
+        def failing(path, *args, **kwargs):
+            if when(Path(path)):
+                raise OSError(code, os.strerror(code), str(path))
+            return real(path, *args, **kwargs)
+
+        return failing
+
+    monkeypatch.setattr(runs_mod, "atomic_write_text", wrap(real_text))
+    monkeypatch.setattr(runs_mod, "atomic_write_json", wrap(real_json))
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def test_a_runs_root_under_a_regular_file_is_one_input_error(tmp_path):
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    with pytest.raises(InputError, match=rf"^runs root {regular}/runs: cannot create it: Not a "):
+        RunDir.create(regular / "runs", "j")
+    with pytest.raises(InputError, match=rf"^runs root {regular} exists and is not a directory"):
+        RunDir.create(regular, "j")
+    with pytest.raises(InputError, match=r"File name too long \(ENAMETOOLONG\)"):
+        RunDir.create(tmp_path / ("r" * 300), "j")
+    assert _leftovers(tmp_path) == ["file"]
+
+
+def test_a_read_only_runs_root_is_an_input_error(tmp_path, monkeypatch):
+    # root may write anywhere: a read-only filesystem is simulated at os.mkdir
+    import errno
+
+    real_mkdir = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    with pytest.raises(InputError, match=r"^runs root .*/ro: cannot create it: Read-only file"):
+        RunDir.create(tmp_path / "ro", "j")
+
+
+def test_a_full_disk_is_a_system_error_and_leaves_no_half_made_run(local_site, monkeypatch):  # noqa: F811
+    import errno
+
+    root = local_site.runs_root
+    _fail_with(monkeypatch, errno.ENOSPC, when=lambda p: p.name == "job.sh")
+    with pytest.raises(SchedulerError, match=r"^cannot write .*/job\.sh: No space left on device"):
+        submit(local_site, _req())
+    assert _leftovers(root) == []  # the half-made run directory is gone
+    monkeypatch.undo()
+    _fail_with(monkeypatch, errno.EDQUOT, when=lambda p: p.name == "state.json")
+    with pytest.raises(SchedulerError, match=r"state\.json: Disk quota exceeded"):
+        submit(local_site, _req(), files={"conf/a.json": "{}"})
+    assert _leftovers(root) == []
+
+
+def test_a_bad_extra_file_leaves_no_half_made_run(local_site):  # noqa: F811
+    with pytest.raises(InputError, match="^files: "):
+        submit(local_site, _req(), files={"ok.txt": "x", "../escape": "x"})
+    assert _leftovers(local_site.runs_root) == []
+
+
+def test_an_index_that_cannot_be_written_names_the_queued_job(tmp_path, monkeypatch):
+    import errno
+
+    run = RunDir.create(tmp_path, "j")
+    index_job(tmp_path, "41", run)
+    before = (tmp_path / ".jobs" / "41").read_text()
+    _fail_with(monkeypatch, errno.ENOSPC, when=lambda p: p.parent.name == ".jobs")
+    with pytest.raises(SchedulerError, match=r"^job 42 was queued \(run directory .*\), but its"):
+        index_job(tmp_path, "42", run)
+    assert (tmp_path / ".jobs" / "41").read_text() == before  # the index is intact
+    assert sorted(p.name for p in (tmp_path / ".jobs").iterdir()) == ["41"]  # no temp files
+
+
+def test_a_written_run_is_never_removed_by_a_later_failure(tmp_path, monkeypatch):
+    import errno
+
+    run = RunDir.create(tmp_path, "j")
+    run.update_state(status="rendered")
+    _fail_with(monkeypatch, errno.EIO)
+    with pytest.raises(SchedulerError, match="Input/output error"):
+        run.update_state(status="submitted")
+    assert run.exists() and run.read_state()["status"] == "rendered"
+
+
+def test_damaged_state_and_hostile_refs_are_one_line_errors(tmp_path):
+    from aimass_hpc.errors import IntegrityError
+
+    run = RunDir.create(tmp_path, "j")
+    run.state_path.write_text("{not json")
+    with pytest.raises(IntegrityError, match=rf"^{run.state_path}: not valid JSON"):
+        run.read_state()
+    run.state_path.write_text("[1, 2]")
+    with pytest.raises(IntegrityError, match="expected a JSON object, found list"):
+        run.read_state()
+    for ref in ("x" * 10000, "a\x00b", "../../etc", ""):
+        with pytest.raises(NotFoundError) as info:
+            find_run(ref, tmp_path)
+        assert len(str(info.value)) < 300
+    (tmp_path / ".jobs").mkdir()
+    (tmp_path / ".jobs" / "7").write_bytes(b"\xff\xfe")  # a damaged index entry
+    (tmp_path / ".jobs" / "8").write_text("../../etc\n")  # one that points outside
+    for job in ("7", "8"):
+        with pytest.raises(NotFoundError, match=f"no run directory for job {job}"):
+            find_run(job, tmp_path)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -385,3 +386,148 @@ def test_search_finished_and_cancel_are_replayed(tmp_path: Path) -> None:
     assert st.cancel_requested and st.finished
     assert st.best == {"trial": 0, "value": 1.0}
     assert st.promoted["version"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# damage: what a crash leaves is tolerated (and said); anything else names the file and line
+
+
+def _three_records(path: Path) -> list[bytes]:
+    jr = Journal(path)
+    jr.append(J.SEARCH_CREATED, spec={})
+    jr.append(J.TRIAL_PROPOSED, trial=0, params={"x": 1})
+    jr.append(J.TRIAL_PROPOSED, trial=1, params={"x": 2})
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def test_an_incomplete_last_line_is_tolerated_and_said(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    lines = _three_records(path)
+    path.write_bytes(b"".join(lines) + b'{"seq": 3, "type": "trial_fin')
+    jr = Journal(path)
+    assert len(jr.records()) == 3
+    (note,) = jr.notes()
+    assert f"journal {path} line 4: ignoring an incomplete last line (29 bytes)" in note
+    path.write_bytes(b"".join(lines) + b"\x00" * 100)  # the zeros a crash may leave
+    assert len(Journal(path).records()) == 3
+
+
+def test_a_torn_fragment_ended_by_the_next_writer_is_skipped_and_said(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    _three_records(path)
+    with open(path, "ab") as fh:
+        fh.write(b'{"seq": 3, "trial": 0, "ty')
+    Journal(path).append(J.TRIAL_FAILED, trial=0, reason="boom")  # ends the torn line first
+    jr = Journal(path)
+    assert [r["seq"] for r in jr.records()] == [0, 1, 2, 3]
+    assert jr.notes() == [f"journal {path} line 4: skipped a torn record"]
+
+
+def test_a_torn_complete_last_line_is_tolerated(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    lines = _three_records(path)
+    path.write_bytes(b"".join(lines) + b'{"seq": 3, "ty\n')
+    jr = Journal(path)
+    assert len(jr.records()) == 3
+    assert jr.notes() == [f"journal {path} line 4: skipped an unreadable last line (a torn record)"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "line", "message"),
+    [
+        (lambda ls: ls.insert(1, b"[1, 2]\n"), 2, "a JSON array, not a record"),
+        (lambda ls: ls.insert(1, b"42\n"), 2, "a JSON integer, not a record"),
+        (lambda ls: ls.insert(1, b"hello\n"), 2, "not a journal record"),
+        (lambda ls: ls.__setitem__(1, ls[1][:9] + b"\xff" + ls[1][9:]), 2, "not UTF-8"),
+        (lambda ls: ls.__setitem__(1, ls[1][:20] + b"\n"), 2, "record 1 is lost with it"),
+        (lambda ls: ls.__delitem__(1), 2, "record seq 2 where 1 was due"),
+        (
+            lambda ls: ls.__setitem__(1, ls[1].replace(b'"trial": 0', b'"trial": [0]')),
+            2,
+            "'trial' of a trial_proposed record is an array",
+        ),
+        (
+            lambda ls: ls.__setitem__(1, ls[1].replace(b'"seq": 1', b'"seq": "1"')),
+            2,
+            "'seq' is a string",
+        ),
+        (
+            lambda ls: ls.__setitem__(1, ls[1].replace(b'{"x": 1}', b"[1]")),
+            2,
+            "'params' of a trial_proposed record is an array",
+        ),
+        (
+            lambda ls: ls.__setitem__(0, ls[0].replace(b'"spec": {}', b'"spec": "x"')),
+            1,
+            "'spec' of a search_created record is a string",
+        ),
+        (
+            lambda ls: ls.__setitem__(2, ls[2].replace(b'"trial_proposed"', b'"trial_exploded"')),
+            3,
+            "unknown record type 'trial_exploded'",
+        ),
+    ],
+    ids=[
+        "array",
+        "number",
+        "not-json",
+        "non-utf8",
+        "garbled-middle",
+        "deleted-middle",
+        "trial-list",
+        "seq-string",
+        "params-list",
+        "spec-string",
+        "unknown-type",
+    ],
+)
+def test_a_damaged_journal_names_the_file_and_line(
+    tmp_path: Path, damage: Any, line: int, message: str
+) -> None:
+    path = tmp_path / "journal.jsonl"
+    lines = _three_records(path)
+    damage(lines)
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(IntegrityError) as info:
+        Journal(path).records()
+    assert str(info.value).startswith(f"journal {path} line {line}: "), str(info.value)
+    assert message in str(info.value)
+    before = path.read_bytes()
+    with pytest.raises(IntegrityError):  # a writer refuses to build on a damaged journal
+        Journal(path).append(J.CANCEL_REQUESTED)
+    assert path.read_bytes() == before
+
+
+def test_replay_refuses_fields_of_the_wrong_type() -> None:
+    good = {"type": J.TRIAL_PROPOSED, "trial": 0, "params": {}, "seq": 0}
+    for bad in (
+        {"trial": [0]},
+        {"params": [1]},
+        {"time": "noon"},
+        {"seq": True},
+        {"type": 7},
+    ):
+        with pytest.raises(IntegrityError, match="^journal record "):
+            replay([{**good, **bad}])
+    finished = {"type": J.TRIAL_FINISHED, "trial": 0, "value": "0.5", "seq": 1}
+    with pytest.raises(IntegrityError, match="'value' of a trial_finished record is a string"):
+        replay([good, finished])
+    with pytest.raises(IntegrityError, match="not a record"):
+        replay([good, [1, 2]])  # type: ignore[list-item]
+
+
+def test_an_incremental_reader_decides_about_an_unreadable_line_when_a_record_follows(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.jsonl"
+    lines = _three_records(path)
+    path.write_bytes(b"".join(lines) + b'{"seq": 3, "ty\n')
+    reader = Journal(path)
+    assert len(reader.records()) == 3 and "unreadable last line" in reader.notes()[0]
+    Journal(path).append(J.CANCEL_REQUESTED)  # seq 3: nothing was lost, the line was torn
+    assert [r["seq"] for r in reader.records()] == [0, 1, 2, 3]
+    assert reader.notes() == [f"journal {path} line 4: skipped a torn record"]
+    with open(path, "ab") as fh:  # now a record goes missing after an unreadable line
+        fh.write(b'{"seq": 4, "ty\n' + lines[0].replace(b'"seq": 0', b'"seq": 5'))
+    with pytest.raises(IntegrityError, match=f"^journal {path} line 6: unreadable"):
+        reader.records()

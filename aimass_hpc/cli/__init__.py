@@ -2,12 +2,21 @@
 
 Subcommands are imported only when used so that ``aimass status`` does not pay for torch or
 h5py. A module that is not present (an optional part not installed) is simply not listed.
+
+What reaches the user is one line, never a traceback: an ``AimassError`` prints as
+``aimass: error: MESSAGE`` and exits with its code. An ``OSError`` that no module turned into
+an ``AimassError`` (a path the OS refused, a full disk) is the last resort: one line naming the
+file and the OS reason, exit 2 for an unusable path or 5 for a system failure (see
+:func:`aimass_hpc.fsutil.os_error`). Set ``AIMASS_DEBUG=1`` to see its traceback instead (the
+tests do, so that a module that lets an OSError through is found and fixed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import os
 import sys
 
 import click
@@ -66,6 +75,9 @@ def cli() -> None:
     """
 
 
+DEBUG_ENV = "AIMASS_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and an exit code."""
     try:
@@ -73,6 +85,21 @@ def main(argv: list[str] | None = None) -> None:
     except AimassError as exc:
         click.echo(f"aimass: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # `aimass status | head`: the reader left; say nothing more (and do not let Python
+        # complain about flushing stdout at exit).
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        from aimass_hpc.fsutil import os_error, shown_path
+
+        where = shown_path(exc.filename) if exc.filename is not None else "system error"
+        error = os_error(exc, where)
+        click.echo(f"aimass: error: {error}", err=True)
+        sys.exit(error.exit_code)
     except click.exceptions.Abort:
         click.echo("aimass: aborted", err=True)
         sys.exit(130)

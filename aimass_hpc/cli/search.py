@@ -17,7 +17,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from aimass_hpc.errors import ConflictError, NotFoundError
+from aimass_hpc.errors import ConflictError, InputError, NotFoundError
+from aimass_hpc.fsutil import os_error, shown_path
 from aimass_hpc.search import journal as J
 
 _SEARCH_HELP = """Hyperparameter search: each trial is a batch job.
@@ -67,6 +68,43 @@ def _echo_events(to_stderr: bool) -> Any:
     return echo
 
 
+def _open(directory: str) -> Any:
+    """The search directory DIR; a path the OS cannot even look up is a one-line error."""
+    from aimass_hpc.search.driver import SearchDir
+
+    try:
+        return SearchDir.open(directory)
+    except OSError as exc:
+        raise os_error(exc, f"search directory {shown_path(directory)}") from None
+    except ValueError:  # a NUL in the path
+        raise InputError(f"search directory {directory!r}: not a valid path") from None
+
+
+def _read_state(sdir: Any) -> J.SearchState:
+    """Replay the journal, saying on stderr what a crash left in it that was skipped.
+
+    A damaged journal raises IntegrityError naming the file and line (exit 6).
+    """
+    journal = sdir.journal()
+    state = J.replay(journal.records())
+    notes = journal.notes()
+    for note in notes[:3]:
+        click.echo(f"aimass: warning: {note}", err=True)
+    if len(notes) > 3:
+        click.echo(f"aimass: warning: ... and {len(notes) - 3} more such lines", err=True)
+    return state
+
+
+def _resolve_dir(directory: str) -> Path:
+    """``--dir`` as an absolute path; one line when the OS cannot take it."""
+    try:
+        return Path(directory).expanduser().resolve()
+    except OSError as exc:
+        raise os_error(exc, f"--dir {shown_path(directory)}") from None
+    except ValueError:
+        raise InputError(f"--dir {directory!r}: not a valid path") from None
+
+
 def _site(ref: str | None, sdir: Any = None) -> Any:
     from aimass_hpc.site import load_site
 
@@ -103,7 +141,7 @@ def run_cmd(
     spec = load_search_spec(spec_path)
     site = _site(site_ref)
     planned = D.SearchDir(
-        Path(directory).expanduser().resolve()
+        _resolve_dir(directory)
         if directory
         else site.runs_root / D.SEARCHES_DIR / f"<time>-{spec.search.name}-<id>"
     )
@@ -136,7 +174,11 @@ def run_cmd(
         return
 
     text = Path(spec_path).read_text(encoding="utf-8")
-    sdir = D.create_search(spec, site, directory=directory, spec_text=text)
+    try:
+        sdir = D.create_search(spec, site, directory=directory, spec_text=text)
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else planned.path.parent
+        raise os_error(exc, f"cannot create the search directory {shown_path(where)}") from None
     if detach:
         sub = submit(
             site,
@@ -199,10 +241,8 @@ def resume_cmd(directory: str, site_ref: str | None, as_json: bool) -> None:
     Trials that were queued or running are reconciled with the scheduler: finished ones are
     read, running ones adopted, lost ones resubmitted under the same trial id.
     """
-    from aimass_hpc.search.driver import SearchDir
-
-    sdir = SearchDir.open(directory)
-    verb = "resuming" if sdir.state().trials else "driving"
+    sdir = _open(directory)
+    verb = "resuming" if _read_state(sdir).trials else "driving"
     _drive(sdir, _site(site_ref, sdir), as_json, first_line=f"{verb} search {sdir.path}")
 
 
@@ -211,10 +251,8 @@ def resume_cmd(directory: str, site_ref: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the trials as JSON.")
 def status_cmd(directory: str, as_json: bool) -> None:
     """Table of the trials: params, value, state, job id, duration."""
-    from aimass_hpc.search.driver import SearchDir
-
-    sdir = SearchDir.open(directory)
-    state = sdir.state()
+    sdir = _open(directory)
+    state = _read_state(sdir)
     spec = sdir.spec(state)
     if as_json:
         click.echo(json.dumps(_summary(sdir, state, spec), indent=2, default=str))
@@ -229,10 +267,10 @@ def status_cmd(directory: str, as_json: bool) -> None:
               help="Seconds to wait for a live driver to stop its trials.")  # fmt: skip
 def cancel_cmd(directory: str, site_ref: str | None, wait_s: float) -> None:
     """Stop the search: cancel its queued and running trials (and its detached driver)."""
-    from aimass_hpc.search.driver import SearchDir, SearchDriver
+    from aimass_hpc.search.driver import SearchDriver
 
-    sdir = SearchDir.open(directory)
-    state = sdir.state()
+    sdir = _open(directory)
+    state = _read_state(sdir)
     if state.finished:
         raise ConflictError(f"search {sdir.path} has already finished")
     if not state.cancel_requested:
@@ -274,11 +312,10 @@ def _cancel_driver_jobs(sdir: Any, site: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the file paths as JSON.")
 def plot_cmd(directory: str, out: str | None, as_json: bool) -> None:
     """Draw best_so_far.png and parallel_coordinates.png for a search."""
-    from aimass_hpc.search.driver import SearchDir
     from aimass_hpc.search.plots import plot_search
 
-    sdir = SearchDir.open(directory)
-    state = sdir.state()
+    sdir = _open(directory)
+    state = _read_state(sdir)
     spec = sdir.spec(state)
     paths = plot_search(
         state, spec.search.direction, out or sdir.path, spec.search.name, spec.space_obj()

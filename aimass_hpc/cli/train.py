@@ -10,6 +10,7 @@ import click
 
 from aimass_hpc.cli._output import echo_dry_run
 from aimass_hpc.errors import InputError
+from aimass_hpc.fsutil import os_error, shown_path
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -142,14 +143,21 @@ def plot(run: str, output: str | None, site_ref: str | None) -> None:
     if not records:
         raise InputError(f"run {run}: no metrics yet ({run_dir / 'metrics.jsonl'} is empty)")
     target = Path(output) if output else run_dir / "metrics.png"
-    plot_metrics(records, target, title=run_dir.name)
+    try:
+        plot_metrics(records, target, title=run_dir.name)
+    except OSError as exc:
+        raise os_error(exc, f"cannot write the plot {shown_path(target)}") from None
     click.echo(str(target))
 
 
 def _find_run_dir(run: str, site_ref: str | None) -> Path:
+    """RUN as a directory path, else as a job id / run name under the site's runs root."""
     path = Path(run).expanduser()
-    if path.is_dir():
-        return path
+    try:
+        if path.is_dir():
+            return path
+    except (OSError, ValueError):
+        pass  # not a path this OS can look up (too long a name): try it as a job id
     from aimass_hpc.runs import find_run
     from aimass_hpc.site import load_site
 

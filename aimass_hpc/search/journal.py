@@ -10,6 +10,15 @@ NFS: close-to-open consistency means the next writer sees the new size. A lock w
 a second O_EXCL *takeover marker*, so two waiters never both break it and never remove a fresh
 lock. Readers need no lock: they take only complete lines and skip a torn line left by a crash.
 
+Damage is told apart from a crash. A writer killed mid-line leaves a torn fragment (the start of
+a record, no newline); the next writer ends it with a newline, so the fragment may also sit
+between two records. Every record carries ``seq``, its index among the valid records when it was
+written, so a torn fragment (never counted) leaves no gap, while a lost or garbled record does.
+Hence: an incomplete last line, or an unreadable line whose successor's ``seq`` shows nothing
+missing, is tolerated and reported (:meth:`Journal.notes`); anything else -- a record missing, a
+line that is not UTF-8, a JSON value that is not an object, a record with a field of the wrong
+type -- raises :class:`~aimass_hpc.errors.IntegrityError` (exit 6) naming the file and line.
+
 Replaying the records (:func:`replay`) yields the whole search state; the driver writes a record
 *before* it acts (propose -> journal -> submit -> journal the job id) so a kill between any two
 steps is recoverable.
@@ -31,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from aimass_hpc.errors import ConflictError, IntegrityError
+from aimass_hpc.fsutil import os_error, shown_path
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +95,92 @@ TERMINAL_STATES = frozenset({FINISHED, FAILED, PRUNED, CANCELLED})
 ACTIVE_STATES = frozenset({PROPOSED, SUBMITTED, RUNNING, LOST})
 
 _HOST = socket.gethostname()
+
+TRIAL_RECORD_TYPES = frozenset(
+    {
+        TRIAL_PROPOSED,
+        TRIAL_SUBMITTED,
+        TRIAL_RUNNING,
+        TRIAL_FINISHED,
+        TRIAL_FAILED,
+        TRIAL_PRUNED,
+        TRIAL_LOST,
+        TRIAL_CANCELLED,
+    }
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) or _is_int(value)
+
+
+# The type of each field replay reads (None is allowed unless the field is required).
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "time": (_is_number, "a number"),
+    "trial": (_is_id, "a trial id (an integer or a string)"),
+    "params": (lambda v: isinstance(v, dict), "a table of parameters"),
+    "job_id": (_is_id, "a job id"),
+    "run_dir": (lambda v: isinstance(v, str), "a path"),
+    "value": (_is_number, "a number"),
+    "reason": (lambda v: isinstance(v, str), "a string"),
+    "started_at": (_is_number, "a number"),
+    "ended_at": (_is_number, "a number"),
+    "step": (_is_int, "an integer"),
+    "spec": (lambda v: isinstance(v, dict), "a table"),
+    "site": (lambda v: isinstance(v, str), "a site name or path"),
+    "best": (lambda v: isinstance(v, dict), "a table"),
+}
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    SEARCH_CREATED: ("spec",),
+    TRIAL_SUBMITTED: ("trial", "job_id"),
+    **{kind: ("trial",) for kind in TRIAL_RECORD_TYPES if kind != TRIAL_SUBMITTED},
+}
+
+
+def _kind_name(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def record_problem(rec: Any, *, require_seq: bool = True) -> str | None:
+    """What is wrong with journal record ``rec`` (None when it is a well-formed record).
+
+    Checks what :func:`replay` relies on: a known ``type``, a ``seq`` count, and the type of
+    every field it reads. Fields it does not read are free (a newer writer may add some).
+    """
+    if not isinstance(rec, dict):
+        return f"a JSON {_kind_name(rec).split()[-1]}, not a record (a JSON object)"
+    kind = rec.get("type")
+    if not isinstance(kind, str):
+        return f"'type' is {_kind_name(kind)}, not a record type"
+    if kind not in RECORD_TYPES:
+        return f"unknown record type {kind[:60]!r}"
+    seq = rec.get("seq")
+    if (require_seq or seq is not None) and not (_is_int(seq) and seq >= 0):
+        return f"'seq' is {_kind_name(seq)} ({str(seq)[:40]!r}), not a count"
+    for key in _REQUIRED.get(kind, ()):
+        if rec.get(key) is None:
+            return f"a {kind} record without '{key}'"
+    for key, (ok, what) in _FIELD_TYPES.items():
+        value = rec.get(key)
+        if value is not None and not ok(value):
+            return f"'{key}' of a {kind} record is {_kind_name(value)}, not {what}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,9 +466,14 @@ class Journal:
             timeout=lock_timeout,
             purpose="journal append",
         )
-        # Incremental reader: bytes consumed so far and the records they held.
+        # Incremental reader: bytes (and lines) consumed so far and the records they held.
         self._offset = 0
+        self._line = 0
         self._records: list[dict[str, Any]] = []
+        self._torn: list[int] = []  # lines of torn fragments a later record showed harmless
+        self._pending: list[int] = []  # unreadable complete lines no record has followed yet
+        self._tail = 0  # bytes of an incomplete last line (a writer died, or is writing)
+        self._tail_line = 1
 
     @classmethod
     def in_dir(cls, directory: str | os.PathLike[str], **kwargs: Any) -> Journal:
@@ -392,17 +493,20 @@ class Journal:
         for rec in records:
             if rec.get("type") not in RECORD_TYPES:
                 raise ValueError(f"unknown journal record type {rec.get('type')!r}")
-        with self.lock:
-            self._catch_up()
-            now = time.time()
-            out = []
-            for i, rec in enumerate(records):
-                # seq is assigned here, never taken from the caller
-                full = {"time": now, **rec, "seq": len(self._records) + i}
-                out.append(full)
-            data = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in out)
-            self._write_locked(data.encode("utf-8"))
-            self._catch_up()
+        try:
+            with self.lock:
+                self._catch_up()
+                now = time.time()
+                out = []
+                for i, rec in enumerate(records):
+                    # seq is assigned here, never taken from the caller
+                    full = {"time": now, **rec, "seq": len(self._records) + i}
+                    out.append(full)
+                data = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in out)
+                self._write_locked(data.encode("utf-8"))
+                self._catch_up()
+        except OSError as exc:
+            raise os_error(exc, f"journal {shown_path(self.path)}: cannot append") from None
         return out
 
     def _write_locked(self, data: bytes) -> None:
@@ -424,29 +528,122 @@ class Journal:
             os.close(fd)
 
     def _catch_up(self) -> None:
-        """Read the complete lines appended since the last read."""
-        try:
-            fh = open(self.path, "rb")  # noqa: SIM115 - closed below, seek needs the handle
-        except FileNotFoundError:
-            return
-        with fh:
-            fh.seek(self._offset)
-            chunk = fh.read()
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            return  # nothing complete yet (or a writer is mid-line)
-        for raw in chunk[: end + 1].splitlines():
-            raw = raw.strip()
-            if not raw:
-                continue
+        """Read the complete lines appended since the last read (see the module docstring).
+
+        Raises :class:`IntegrityError` naming the file and line for a damaged journal; nothing
+        is consumed then, so every later read says the same. What looks damaged is read again
+        once first: on NFS the pages of a write in flight can show up out of order.
+        """
+        for attempt in (1, 2):
             try:
-                rec = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                log.warning("journal %s: skipping a torn record", self.path)
+                fh = open(self.path, "rb")  # noqa: SIM115 - closed below, seek needs the handle
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                raise os_error(exc, f"journal {shown_path(self.path)}: cannot read") from None
+            with fh:
+                fh.seek(self._offset)
+                chunk = fh.read()
+            try:
+                self._consume(chunk)
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
+
+    def _consume(self, chunk: bytes) -> None:
+        """Take the records of ``chunk`` (the bytes after ``self._offset``).
+
+        Consumed: everything through the last valid record. Unreadable lines after it stay
+        unconsumed (``_pending``), to be read again: a later record decides whether they were
+        torn (no record missing) or damage (a gap in ``seq``).
+        """
+        end = chunk.rfind(b"\n")
+        self._tail = len(chunk) - (end + 1)
+        line = self._line
+        consumed, consumed_line = 0, line
+        fresh: list[dict[str, Any]] = []
+        torn: list[int] = []
+        pending: list[int] = []
+        position = 0
+        for raw in chunk[:end].split(b"\n") if end >= 0 else ():
+            line += 1
+            position += len(raw) + 1
+            rec = self._parse_line(raw, line)
+            if rec is None:
+                if raw.strip(b" \t\r"):
+                    pending.append(line)  # unreadable: torn, unless a record goes missing
+                elif not pending:
+                    consumed, consumed_line = position, line  # a blank line
                 continue
-            if isinstance(rec, dict):
-                self._records.append(rec)
-        self._offset += end + 1
+            expected = len(self._records) + len(fresh)
+            if rec["seq"] > expected:
+                if pending:
+                    raise self._damaged(
+                        pending[0],
+                        f"unreadable (not a whole JSON record); record {expected} is lost with it",
+                    )
+                raise self._damaged(
+                    line,
+                    f"record seq {rec['seq']} where {expected} was due: "
+                    f"{rec['seq'] - expected} record(s) before it are missing",
+                )
+            torn += pending
+            pending = []
+            fresh.append(rec)
+            consumed, consumed_line = position, line
+        for number in torn:
+            log.info("journal %s line %d: skipped a torn record", self.path, number)
+        self._records.extend(fresh)
+        self._torn.extend(torn)
+        self._pending = pending
+        self._tail_line = line + 1
+        self._line = consumed_line
+        self._offset += consumed
+
+    def _parse_line(self, raw: bytes, line: int) -> dict[str, Any] | None:
+        """The record on one complete line; None for a blank or torn-looking line."""
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._damaged(
+                line, f"not UTF-8 text (byte {exc.start + 1} of the line)"
+            ) from None
+        body = text.strip(" \t\r\x00")
+        if not body:
+            return None  # blank, or the zeros a crash can leave where a record was due
+        try:
+            rec = json.loads(body)
+        except ValueError:
+            if body.startswith("{"):
+                return None  # the start of a record: torn by a writer that died
+            raise self._damaged(line, "not a journal record (not JSON)") from None
+        problem = record_problem(rec)
+        if problem is not None:
+            raise self._damaged(line, problem)
+        return rec
+
+    def _damaged(self, line: int, problem: str) -> IntegrityError:
+        return IntegrityError(
+            f"journal {shown_path(self.path)} line {line}: {problem}; the journal is damaged "
+            "(repair or remove the line by hand, or start the search again)"
+        )
+
+    def notes(self) -> list[str]:
+        """What the reader tolerated and skipped, one line each (for ``search status``)."""
+        name = shown_path(self.path)
+        out = [f"journal {name} line {n}: skipped a torn record" for n in self._torn]
+        out += [
+            f"journal {name} line {n}: skipped an unreadable last line (a torn record)"
+            for n in self._pending
+        ]
+        if self._tail:
+            out.append(
+                f"journal {name} line {self._tail_line}: ignoring an incomplete last line "
+                f"({self._tail} bytes): a writer died mid-record, or is writing it now"
+            )
+        return out
 
     def records(self) -> list[dict[str, Any]]:
         """All complete records so far (a torn last line is skipped)."""
@@ -556,7 +753,11 @@ class SearchState:
 def replay(records: list[dict[str, Any]]) -> SearchState:
     """Rebuild the search state from journal records (pure; order = journal order)."""
     st = SearchState()
-    for rec in records:
+    for index, rec in enumerate(records):
+        problem = record_problem(rec, require_seq=False)
+        if problem is not None:
+            where = rec.get("seq", index) if isinstance(rec, dict) else index
+            raise IntegrityError(f"journal record {where}: {problem}")
         kind = rec.get("type")
         st.last_seq = max(st.last_seq, int(rec.get("seq", st.last_seq)))
         when = rec.get("time")
@@ -644,5 +845,6 @@ __all__ = [
     "live_lock_holder",
     "pid_alive",
     "read_lock_holder",
+    "record_problem",
     "replay",
 ]
