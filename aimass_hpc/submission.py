@@ -2,42 +2,97 @@
 
 ``submit`` is what every ``aimass`` command that starts work calls (train, search trials,
 serve); ``submit_script`` does the same for a plain batch script a user wrote.
+
+A submit command that does not answer in time (:class:`~aimass_hpc.scheduler.CommandTimeout`)
+may still have queued the job, so it is never reported as a plain failure: the job is looked
+up by its run directory and adopted when found; otherwise the run's state says
+``submit_unknown`` and :class:`SubmitUnknown` tells the user how to check before resubmitting.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aimass_hpc import __version__
-from aimass_hpc.errors import AimassError, InputError
+from aimass_hpc.errors import AimassError, InputError, SchedulerError
 from aimass_hpc.render import render_request
 from aimass_hpc.runs import RunDir, index_job
-from aimass_hpc.scheduler import Scheduler, get_scheduler
+from aimass_hpc.scheduler import CommandTimeout, Scheduler, get_scheduler
 from aimass_hpc.site import Site
 from aimass_hpc.specs import JobRequest, check_sbatch_extra, sbatch_options, slurm_job_name
 
 
+class SubmitUnknown(SchedulerError):
+    """The submit command timed out and no job for the run could be found (yet): the job may
+    or may not be queued. The run's state says ``submit_unknown``; do not resubmit blindly."""
+
+    def __init__(self, message: str, run_dir: RunDir) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
 @dataclass(frozen=True)
 class Submission:
-    """The outcome of :func:`submit`. ``job_id`` is None for a dry run."""
+    """The outcome of :func:`submit`. ``job_id`` is None for a dry run.
+
+    ``note`` says something the user should know about how the job got its id (it was
+    adopted after the submit command timed out).
+    """
 
     run_dir: RunDir
     job_id: str | None
     script: str
     request: JobRequest | None = None
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (``--json``)."""
-        return {
+        data: dict[str, Any] = {
             "job_id": self.job_id,
             "run_dir": str(self.run_dir.path),
             "name": self.request.name if self.request else self.run_dir.name,
             "dry_run": self.job_id is None,
         }
+        if self.note:
+            data["note"] = self.note
+        return data
+
+
+def check_input_file(path: str | os.PathLike[str], what: str = "batch script") -> Path:
+    """``path`` if it is a regular file; ``InputError`` (one line) otherwise.
+
+    Refuses a missing path, a directory, and a FIFO or device (reading one would block or
+    never end) before anything tries to read it.
+    """
+    source = Path(path)
+    try:
+        mode = source.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {source}") from None
+    except OSError as exc:
+        raise InputError(f"{source}: cannot read the {what} ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{source}: is a directory, not a {what}")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{source}: not a regular file (a {what} must be a file)")
+    return source
+
+
+def read_script_text(path: str | os.PathLike[str]) -> str:
+    """A user's batch script as text; ``InputError`` (one line) for anything else: see
+    :func:`check_input_file`, plus an unreadable file and bytes that are not UTF-8."""
+    source = check_input_file(path)
+    try:
+        return source.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{source}: not a text script (not UTF-8)") from None
+    except OSError as exc:
+        raise InputError(f"{source}: cannot read the batch script ({exc.strerror})") from None
 
 
 def submit(
@@ -91,7 +146,8 @@ def submit(
         scheduler=scheduler.name,
         created_at=time.time(),
     )
-    return Submission(run, _queue(scheduler, run, root), script, resolved)
+    job_id, note = _queue(scheduler, run, root)
+    return Submission(run, job_id, script, resolved, note)
 
 
 def submit_script(
@@ -112,12 +168,7 @@ def submit_script(
     like a spec's ``sbatch_extra`` plus the resource options a script may legitimately set.
     """
     source = Path(script_path)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"script not found: {source}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{source}: not a text script") from None
+    text = read_script_text(source)
     if not text.startswith("#!"):
         raise InputError(f"{source}: a batch script must start with #! (e.g. #!/bin/bash)")
     args = list(sbatch_args or [])
@@ -158,7 +209,8 @@ def submit_script(
     if not any(a.startswith("--output=") for a in args) and not {"--output", "-o"} & set(options):
         args.insert(0, "--output=logs/slurm-%j.out")  # Slurm's output next to our logs
     env = {"AIMASS_RUN_DIR": str(run.path), "AIMASS_JOB_NAME": job_name, "AIMASS_SITE": site.ref()}
-    return Submission(run, _queue(scheduler, run, root, args, env), text)
+    job_id, note = _queue(scheduler, run, root, args, env)
+    return Submission(run, job_id, text, note=note)
 
 
 # Options a plain script's submitter may pass (they are what the script would otherwise say).
@@ -202,14 +254,57 @@ def _queue(
     root: Path,
     extra_args: list[str] | None = None,
     env: dict[str, str] | None = None,
-) -> str:
+) -> tuple[str, str]:
+    """Submit ``run``'s script and record the id; returns ``(job_id, note)``."""
     try:
         job_id = scheduler.submit(
             run.script_path, run_dir=run.path, extra_args=extra_args or [], env=env
         )
+    except CommandTimeout as exc:
+        return _after_timeout(scheduler, run, root, exc)
     except AimassError as exc:
         run.update_state(status="submit_failed", error=str(exc))
         raise
+    record_job(run, root, job_id)
+    return job_id, ""
+
+
+def record_job(run: RunDir, root: Path, job_id: str, **extra: Any) -> None:
+    """Index ``job_id`` under ``root`` and mark ``run`` submitted with it."""
     index_job(root, job_id, run)
-    run.update_state(status="submitted", job_id=job_id, submitted_at=time.time())
+    run.update_state(status="submitted", job_id=job_id, submitted_at=time.time(), **extra)
+
+
+def adopt_queued_job(scheduler: Scheduler, run: RunDir, root: Path) -> str | None:
+    """The job queued for ``run`` (looked up by its run directory), recorded; None if none.
+
+    Raises ``SchedulerError`` when the scheduler cannot be asked.
+    """
+    found = scheduler.find_jobs_for_run(run.path)
+    if not found:
+        return None
+    job_id = found[-1]
+    record_job(run, root, job_id, adopted=True)
     return job_id
+
+
+def _after_timeout(
+    scheduler: Scheduler, run: RunDir, root: Path, exc: CommandTimeout
+) -> tuple[str, str]:
+    """The submit command timed out: adopt the job if it was queued, else say it may be."""
+    try:
+        job_id = adopt_queued_job(scheduler, run, root)
+        lookup = "no job for it is in the queue yet"
+    except SchedulerError as lookup_exc:
+        job_id, lookup = None, f"and looking it up failed too ({lookup_exc})"
+    if job_id is not None:
+        note = f"{exc}, but the job was queued: adopted job {job_id} found by its run directory"
+        run.update_state(note=note)
+        return job_id, note
+    run.update_state(status="submit_unknown", error=f"{exc}; {lookup}")
+    raise SubmitUnknown(
+        f"{exc}; the job may still be queued ({lookup}). Do not resubmit yet: check with "
+        f"`aimass status {run.path}` or `squeue --me` (run directory {run.path}, "
+        "state submit_unknown)",
+        run,
+    ) from None

@@ -7,6 +7,7 @@ the Slurm cluster are in test_jobs_cluster.py.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from _sitefixtures import dumps_toml, local_site, site_data  # noqa: F401 - fixture
@@ -92,6 +93,60 @@ def test_input_errors_are_one_line_exit_2(capsys, local_site, tmp_path):  # noqa
         capsys, "submit", "--site", local_site.source, "--sbatch-arg", "--time=5", str(bad)
     )
     assert code == 2 and "--time is set by aimass" in err
+
+
+@pytest.mark.parametrize("command", ["render", "submit"])
+def test_odd_paths_are_one_line_input_errors(capsys, local_site, tmp_path, command):  # noqa: F811
+    site = local_site.source
+    latin1 = tmp_path / "latin1.sh"
+    latin1.write_bytes(b"#!/bin/bash\necho caf\xe9\n")
+    fifo, fifo_spec = tmp_path / "pipe.sh", tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    os.mkfifo(fifo_spec)  # reading either would block forever
+    (tmp_path / "dir.toml").mkdir()
+    cases = {
+        str(tmp_path): "is a directory",
+        str(tmp_path / "dir.toml"): "is a directory",
+        str(tmp_path / "missing.sh"): "batch script not found",
+        str(tmp_path / "missing.toml"): "spec file not found",
+        str(latin1): "not a text script (not UTF-8)",
+        str(fifo): "not a regular file",
+        str(fifo_spec): "not a regular file",
+    }
+    for path, message in cases.items():
+        code, out, err = run_cli(capsys, command, "--site", site, path)
+        assert code == 2, (path, err)
+        assert out == "" and "Traceback" not in err
+        (line,) = err.strip().splitlines()
+        assert line.startswith("aimass: error: ") and message in line, (path, line)
+    assert not local_site.runs_root.exists() or not any(local_site.runs_root.iterdir())
+
+
+def test_render_prints_a_script_byte_for_byte(capsys, local_site, tmp_path):  # noqa: F811
+    """No ANSI stripping (click.echo drops escapes when stdout is no terminal), no rich markup,
+    no newline added at the end, no wrapping."""
+    text = (
+        "#!/bin/bash\necho '\x1b[31mred\x1b[0m [bold]not markup[/bold] \u00e9'\n"
+        f"echo {'x' * 400}\r\n# no newline at the end"
+    )
+    script = tmp_path / "exact.sh"
+    script.write_bytes(text.encode())
+    code, out, _ = run_cli(capsys, "render", "--site", local_site.source, str(script))
+    assert code == 0 and out == text
+    code, out, _ = run_cli(capsys, "submit", "--site", local_site.source, str(script), "--dry-run")
+    assert code == 0 and out == text
+
+
+def test_status_table_shows_names_as_they_are(capsys, local_site, tmp_path):  # noqa: F811
+    path = tmp_path / "markup.toml"
+    path.write_text('[job]\nname = "[red]x[/] [bold]y"\ncommand = ["true"]\n')
+    site = local_site.source
+    code, out, err = run_cli(capsys, "submit", "--site", site, str(path), "--wait", "--json")
+    assert code == 0, err
+    job_id = json.loads(out)["job_id"]
+    code, out, err = run_cli(capsys, "status", "--site", site, job_id)
+    assert code == 0 and "Traceback" not in err, err
+    assert "[red]x[/] [bold]y" in out  # not read as rich markup
 
 
 def test_no_site_is_a_clear_error(capsys, monkeypatch):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from _sitefixtures import dev_site  # noqa: F401 - fixture
@@ -69,3 +71,37 @@ def test_logs_follow_stops_when_the_job_ends(cluster, dev_site, tmp_path):  # no
         "tick 2",
         "tick 3",
     ]
+
+
+def _run_dir_token(script: bytes) -> bytes:
+    """The (shell-quoted) run directory as it appears on the script's AIMASS_RUN_DIR line."""
+    match = re.search(rb"^export AIMASS_RUN_DIR=(.*)$", script, re.MULTILINE)
+    assert match, script[:400]
+    return match.group(1)
+
+
+def test_render_and_dry_run_print_exactly_the_submitted_script(cluster, dev_site, tmp_path):  # noqa: F811
+    """The bytes ``render`` and ``--dry-run`` print are the bytes sbatch gets (job.sh), but for
+    the run directory's name: escapes, markup-like text and long lines pass untouched."""
+    spec = tmp_path / "exact.toml"
+    shown = "\\u001b[31mred\\u001b[0m [bold]not markup[/bold] caf\\u00e9 " + "x" * 300
+    spec.write_text(
+        '[job]\nname = "exact"\ntime = "2"\ncommand = ["bash", "-c", "echo \\"$SHOWN\\""]\n'
+        f'env = {{ SHOWN = "{shown}" }}\n'
+    )
+    site = dev_site.source
+    argv = [sys.executable, "-m", "aimass_hpc"]
+    rendered = subprocess.run([*argv, "render", "--site", site, str(spec)], capture_output=True)
+    dry = subprocess.run(
+        [*argv, "submit", "--site", site, str(spec), "--dry-run"], capture_output=True
+    )
+    dry_json = aimass("submit", "--site", site, str(spec), "--dry-run", "--json")
+    real = aimass("submit", "--site", site, str(spec), "--json")
+    assert rendered.returncode == dry.returncode == dry_json.returncode == real.returncode == 0
+    job_sh = (Path(json.loads(real.stdout)["run_dir"]) / "job.sh").read_bytes()
+    assert b"\x1b[31mred" in job_sh and b"[bold]not markup[/bold]" in job_sh
+    token = _run_dir_token(job_sh)
+    for printed in (rendered.stdout, dry.stdout):
+        assert printed.replace(_run_dir_token(printed), token) == job_sh
+    script = json.loads(dry_json.stdout)["script"].encode()
+    assert script.replace(_run_dir_token(script), token) == job_sh

@@ -344,3 +344,17 @@ def test_a_finished_job_is_found_by_its_run_dir_in_accounting(cluster, dev_site)
         time.sleep(0.5)
     assert found == [sub.job_id]
     assert sched.jobs_in_accounting(dev_site.runs_root.resolve()) == []
+
+
+def test_sbatch_timeout_comes_from_the_environment(monkeypatch):
+    from aimass_hpc.errors import InputError
+    from aimass_hpc.scheduler.slurm import sbatch_timeout
+
+    monkeypatch.delenv("AIMASS_SBATCH_TIMEOUT", raising=False)
+    assert sbatch_timeout() == 60.0
+    monkeypatch.setenv("AIMASS_SBATCH_TIMEOUT", "2.5")
+    assert sbatch_timeout() == 2.5
+    for bad in ("soon", "0", "-3", "nan", "inf"):
+        monkeypatch.setenv("AIMASS_SBATCH_TIMEOUT", bad)
+        with pytest.raises(InputError, match="AIMASS_SBATCH_TIMEOUT"):
+            sbatch_timeout()

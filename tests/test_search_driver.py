@@ -50,6 +50,10 @@ note("end")
 if str(tid) in os.environ.get("OBJ_FAIL_TRIALS", "").split(","):
     print("objective: boom", file=sys.stderr)
     sys.exit(3)
+if str(tid) in os.environ.get("OBJ_REPORT_TRIALS", "").split(","):
+    # what aimass_hpc.runtime.report_result writes (the trial's own record of its result)
+    with open(os.path.join(os.environ["AIMASS_RUN_DIR"], "result.json"), "w") as fh:
+        json.dump({"status": "completed", "metrics": {"value": final}}, fh)
 print("objective: done")
 print(final)
 """
@@ -263,6 +267,61 @@ def test_a_lost_job_is_resubmitted_under_the_same_trial_id(setup) -> None:
     assert t0.attempts == 2 and t0.job_ids[0] == "987654" and t0.job_id != "987654"
     assert any(r["type"] == J.TRIAL_LOST for r in jr.records())
     assert len(state.trials) == 2
+
+
+def _ran_dir(tmp: Path, job_id: str, result: float | None = None) -> Path:
+    """A trial run directory whose job started (its log header) and maybe reported a value."""
+    run_dir = tmp / f"ran-{job_id}"
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "logs" / "restart-0.log").write_text(
+        f"aimass: job {job_id} restart 0 on node1 at 2026-01-01T00:00:00+00:00\nobjective: done\n"
+    )
+    if result is not None:
+        (run_dir / "result.json").write_text(json.dumps({"metrics": {"value": result}}))
+    return run_dir
+
+
+def test_a_job_that_ran_is_never_resubmitted_when_the_scheduler_forgot_it(setup) -> None:
+    """Unknown to the scheduler, but its run directory shows it started: no second run."""
+    tmp, site = setup
+    sdir = new_search(tmp, site, budget=2, parallel=2)
+    jr = sdir.journal()
+    for trial, job, result in ((0, "987001", 0.25), (1, "987002", None)):
+        jr.append(J.TRIAL_PROPOSED, trial=trial, params={"x": 0.5, "kind": "a"})
+        jr.append(
+            J.TRIAL_SUBMITTED, trial=trial, job_id=job, run_dir=str(_ran_dir(tmp, job, result))
+        )
+    state = SearchDriver(sdir, site).run()
+    assert state.trials[0].state == J.FINISHED and state.trials[0].value == 0.25
+    assert state.trials[1].state == J.FAILED and "ran (its run directory has logs)" in (
+        state.trials[1].reason
+    )
+    assert [t.attempts for t in state.trials.values()] == [1, 1]
+    assert not any(r["type"] == J.TRIAL_LOST for r in jr.records())
+    assert executions(tmp) == []  # nothing was run again
+
+
+def test_an_orphan_run_dir_is_adopted_by_the_job_id_in_its_log(setup) -> None:
+    """A submission whose id reached neither the journal nor state.json, but whose job ran."""
+    tmp, site = setup
+    sdir = new_search(tmp, site, budget=1, parallel=1)
+    from aimass_hpc.search.driver import run_evidence
+
+    sdir.journal().append(J.TRIAL_PROPOSED, trial=0, params={"x": 0.5, "kind": "a"})
+    orphan = sdir.trials_root / "20260101-000000-quad-t0000-abcdef"
+    (orphan / "logs").mkdir(parents=True)
+    (orphan / PARAMS_FILE).write_text("{}")
+    spec = sdir.spec()
+    (orphan / "spec.json").write_text(
+        json.dumps({"spec": trial_payload(spec, sdir, 0, {"x": 0.5, "kind": "a"}, 1)})
+    )
+    (orphan / "logs" / "restart-0.log").write_text("aimass: job 987003 restart 0 on n1 at -\n")
+    (orphan / "result.json").write_text(json.dumps({"metrics": {"value": 0.5}}))
+    assert run_evidence(orphan).job_id == "987003"
+    state = SearchDriver(sdir, site).run()
+    (trial,) = state.trials.values()
+    assert trial.job_id == "987003" and trial.state == J.FINISHED and trial.value == 0.5
+    assert executions(tmp) == []
 
 
 def test_a_trial_lost_too_often_fails(setup) -> None:

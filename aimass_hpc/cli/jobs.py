@@ -11,12 +11,13 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from aimass_hpc.cli._output import echo_dry_run
+from aimass_hpc.cli._output import echo_dry_run, echo_script
 from aimass_hpc.errors import InputError, NotFoundError
 from aimass_hpc.runs import RunDir, find_run, list_runs
 from aimass_hpc.runtime.metrics import summarize
-from aimass_hpc.scheduler import JobState, JobStatus, get_scheduler
+from aimass_hpc.scheduler import JobState, JobStatus, check_answered, get_scheduler
 from aimass_hpc.site import Site, load_site
 from aimass_hpc.timelimit import format_elapsed
 
@@ -44,7 +45,9 @@ def _is_spec(path: str) -> bool:
 
 def _load_request(path: str, site_obj: Site, sbatch_args: tuple[str, ...], name: str | None):
     from aimass_hpc.specs import load_job_spec
+    from aimass_hpc.submission import check_input_file
 
+    check_input_file(path, "spec file")  # a FIFO named x.toml would block the TOML reader
     overrides: dict[str, object] = {}
     if name:
         overrides["name"] = name
@@ -76,18 +79,21 @@ def _checked_extras(args: tuple[str, ...]) -> list[str]:
     help="Extra sbatch option (repeatable).",
 )
 def render(path: str, site_ref: str | None, sbatch_args: tuple[str, ...]) -> None:
-    """Print the job script a spec renders to (nothing is written or queued)."""
+    """Print the job script a spec renders to (nothing is written or queued).
+
+    The output is byte for byte what a submission writes to ``job.sh``, except for the run
+    directory's path (a placeholder here).
+    """
+    from aimass_hpc.submission import read_script_text
+
     site_obj = load_site(site_ref)
     if not _is_spec(path):
-        try:
-            click.echo(Path(path).read_text(encoding="utf-8"), nl=False)
-        except FileNotFoundError:
-            raise InputError(f"script not found: {path}") from None
+        echo_script(read_script_text(path))
         return
     from aimass_hpc.render import render_request
 
     request = _load_request(path, site_obj, sbatch_args, None)
-    click.echo(render_request(site_obj, request), nl=False)
+    echo_script(render_request(site_obj, request))
 
 
 @click.command()
@@ -134,6 +140,8 @@ def submit(
     if dry_run:
         echo_dry_run(sub.to_dict(), sub.script, as_json)
         return
+    if sub.note:
+        click.echo(f"aimass: note: {sub.note}", err=True)
     if not wait_:
         if as_json:
             click.echo(json.dumps(sub.to_dict(), indent=2))
@@ -162,12 +170,32 @@ def _resolve_refs(site_obj: Site, refs: tuple[str, ...]) -> tuple[list[str], dic
                 runs[ref] = find_run(ref, site_obj.runs_root)
             continue
         run = find_run(ref, site_obj.runs_root)
-        job_id = run.job_id
-        if job_id is None:
-            raise NotFoundError(f"run {run.path} was never submitted (no job id in state.json)")
+        job_id = run.job_id or _job_of_unknown_submission(site_obj, run)
         ids.append(job_id)
         runs[job_id] = run
     return ids, runs
+
+
+def _job_of_unknown_submission(site_obj: Site, run: RunDir) -> str:
+    """The job of a run whose submit command timed out, adopted once the scheduler shows it.
+
+    ``NotFoundError`` for a run that was never queued; ``SchedulerError`` while the scheduler
+    cannot be asked.
+    """
+    from aimass_hpc.submission import adopt_queued_job
+
+    status = run.read_state().get("status")
+    if status != "submit_unknown":
+        raise NotFoundError(f"run {run.path} was never submitted (no job id in state.json)")
+    job_id = adopt_queued_job(get_scheduler(site_obj), run, run.root)
+    if job_id is None:
+        raise NotFoundError(
+            f"run {run.path}: its submission timed out and no job for it is queued or in "
+            "accounting; it was not queued (submit it again)"
+        )
+    note = f"aimass: note: run {run.path}: adopted job {job_id} (its submit had timed out)"
+    click.echo(note, err=True)
+    return job_id
 
 
 def _progress_text(run: RunDir | None) -> str | None:
@@ -190,20 +218,21 @@ def _print_table(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> Non
         progress = _progress_text(run)
         name = run.name if run is not None else st.name
         style = _STATE_STYLE.get(st.state, "red" if st.is_terminal else "")
-        state = f"[{style}]{st.state.value}[/{style}]" if style else st.state.value
+        state = Text(st.state.value, style=style)
         if st.restart_count:
-            state += f" (restart {st.restart_count})"
+            state.append(f" (restart {st.restart_count})")
         reason = st.reason
         if st.exit_code and st.is_terminal:
             reason = f"exit {st.exit_code}" + (f"; {reason}" if reason else "")
+        # Text cells: a job name or reason is shown as it is, never read as rich markup.
         table.add_row(
-            job_id,
-            name,
+            Text(job_id),
+            Text(name),
             state,
             format_elapsed(st.elapsed),
-            st.nodes or "-",
-            progress or "-",
-            reason or "-",
+            Text(st.nodes or "-"),
+            Text(progress or "-"),
+            Text(reason or "-"),
         )
     Console().print(table)
 
@@ -248,9 +277,9 @@ def status(jobs: tuple[str, ...], site_ref: str | None, last: int, as_json: bool
         _print_table(statuses, runs)
     else:
         click.echo(f"no submitted runs under {site_obj.runs_root}")
-    unknown = [i for i, st in statuses.items() if st.state is JobState.UNKNOWN and not st.source]
-    if jobs and unknown:
-        raise NotFoundError(f"unknown job id(s): {', '.join(unknown)}")
+    # Exit 5 when accounting failed for a job (it may have run), 3 for an id nobody knows
+    # (only when asked for: a listing may hold long-purged runs).
+    check_answered(statuses if jobs else {i: st for i, st in statuses.items() if st.lookup_failed})
 
 
 @click.command()
@@ -259,14 +288,15 @@ def status(jobs: tuple[str, ...], site_ref: str | None, last: int, as_json: bool
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @json_option
 def wait(jobs: tuple[str, ...], site_ref: str | None, timeout: float | None, as_json: bool) -> None:
-    """Wait until the jobs end; exit 0 if all COMPLETED, 1 otherwise."""
+    """Wait until the jobs end; exit 0 if all COMPLETED, 1 otherwise.
+
+    Exit 3 for an id no scheduler command knows, 5 when the scheduler cannot say what became
+    of a job (it left the queue and the accounting lookup failed).
+    """
     site_obj = load_site(site_ref)
     ids, runs = _resolve_refs(site_obj, jobs)
     scheduler = get_scheduler(site_obj)
-    first = scheduler.status(ids)
-    unknown = [i for i, st in first.items() if st.state is JobState.UNKNOWN and not st.source]
-    if unknown:
-        raise NotFoundError(f"unknown job id(s): {', '.join(unknown)}")
+    check_answered(scheduler.status(ids))
     final = scheduler.wait(ids, timeout)
     if as_json:
         click.echo(_status_json(final, runs))

@@ -11,11 +11,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aimass_hpc.scheduler.base import (
+    LOOKUP_FAILED,
+    AccountingUnavailable,
     CommandRunner,
+    CommandTimeout,
     CountingRunner,
     JobStatus,
     Scheduler,
     WaitTimeout,
+    check_answered,
     submission_env,
 )
 from aimass_hpc.scheduler.states import JobState, normalize_state
@@ -24,12 +28,16 @@ if TYPE_CHECKING:
     from aimass_hpc.site import Site
 
 __all__ = [
+    "LOOKUP_FAILED",
+    "AccountingUnavailable",
     "CommandRunner",
+    "CommandTimeout",
     "CountingRunner",
     "JobState",
     "JobStatus",
     "Scheduler",
     "WaitTimeout",
+    "check_answered",
     "get_scheduler",
     "normalize_state",
     "submission_env",

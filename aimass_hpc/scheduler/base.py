@@ -20,6 +20,12 @@ from typing import Any
 from aimass_hpc.errors import NotFoundError, SchedulerError
 from aimass_hpc.scheduler.states import JobState
 
+# ``JobStatus.source`` of a job the controller no longer lists and whose accounting lookup
+# failed (slurmdbd down, or no accounting at all): it may have run, nobody can say how it ended.
+LOOKUP_FAILED = "sacct-failed"
+# Polls in a row ``wait`` accepts an unanswerable id before it gives up on it.
+UNANSWERED_POLLS = 3
+
 
 @dataclass(frozen=True)
 class JobStatus:
@@ -33,7 +39,7 @@ class JobStatus:
     reason: str = ""  # why pending / how it ended
     exit_code: int | None = None
     restart_count: int = 0
-    source: str = ""  # which command said so: squeue, sacct, local
+    source: str = ""  # which command said so: squeue, sacct, local; LOOKUP_FAILED: none could
     raw_state: str = ""
     array_tasks: dict[str, int] = field(default_factory=dict)  # array job: state -> task count
 
@@ -41,12 +47,36 @@ class JobStatus:
     def is_terminal(self) -> bool:
         return self.state.is_terminal
 
+    @property
+    def not_found(self) -> bool:
+        """Every command that could know the job answered, and none of them does."""
+        return self.state is JobState.UNKNOWN and not self.source
+
+    @property
+    def lookup_failed(self) -> bool:
+        """The controller no longer lists the job and accounting could not be asked: the job
+        may well have run (``reason`` holds the accounting error). Not the same as unknown."""
+        return self.source == LOOKUP_FAILED
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json`` output)."""
         data = asdict(self)
         data["state"] = self.state.value
         data["is_terminal"] = self.is_terminal
         return data
+
+
+class CommandTimeout(SchedulerError):
+    """A scheduler command did not answer in time and was killed.
+
+    Unlike a refusal, the request may have reached the scheduler (``sbatch`` may have queued
+    the job), so callers must look before they retry.
+    """
+
+    def __init__(self, argv: Sequence[str], timeout: float) -> None:
+        super().__init__(f"{argv[0]} did not answer within {timeout:.0f}s")
+        self.argv = list(argv)
+        self.timeout = timeout
 
 
 class CommandRunner:
@@ -75,7 +105,7 @@ class CommandRunner:
                 f"{argv[0]}: command not found (is Slurm installed here?)"
             ) from None
         except subprocess.TimeoutExpired:
-            raise SchedulerError(f"{argv[0]} did not answer within {timeout:.0f}s") from None
+            raise CommandTimeout(argv, timeout or 0.0) from None
 
 
 class CountingRunner(CommandRunner):
@@ -88,6 +118,10 @@ class CountingRunner(CommandRunner):
     def __call__(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         self.calls.append(list(argv))
         return self.inner(argv, **kwargs)
+
+
+class AccountingUnavailable(SchedulerError):
+    """The accounting query (``sacct``) failed: slurmdbd is down or the site has none."""
 
 
 class WaitTimeout(SchedulerError):
@@ -112,6 +146,24 @@ def submission_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
                 del env[key]
     env.update(extra or {})
     return env
+
+
+def check_answered(statuses: Mapping[str, JobStatus]) -> None:
+    """Raise for ids the scheduler could not account for.
+
+    ``SchedulerError`` (exit 5) when an accounting lookup failed, since such a job may exist;
+    ``NotFoundError`` (exit 3) only when every command answered and none knows the id.
+    """
+    failed = [st for st in statuses.values() if st.lookup_failed]
+    if failed:
+        ids = ", ".join(st.job_id for st in failed)
+        raise SchedulerError(
+            f"cannot tell what became of job(s) {ids}: no longer in the queue and "
+            f"{failed[0].reason or 'the accounting lookup failed'}"
+        )
+    unknown = [st.job_id for st in statuses.values() if st.not_found]
+    if unknown:
+        raise NotFoundError(f"unknown job id(s): {', '.join(unknown)}")
 
 
 class Scheduler(ABC):
@@ -183,6 +235,9 @@ class Scheduler(ABC):
 
         Raises :class:`WaitTimeout` after ``timeout`` seconds. ``on_poll(statuses)`` is called
         after each poll (progress display). Polls start fast and back off to ``poll`` seconds.
+        An id that stays unaccounted for (:func:`check_answered`) for a few polls ends the
+        wait: ``NotFoundError`` when no command knows it, ``SchedulerError`` when the
+        accounting lookup kept failing (the job may have run; we cannot say how it ended).
         """
         ids = list(dict.fromkeys(job_ids))
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -194,13 +249,12 @@ class Scheduler(ABC):
                 on_poll(statuses)
             if all(statuses[i].is_terminal for i in ids):
                 return statuses
-            # An id no command knows (not even accounting) will never end: say so, do not hang.
+            # An id no command knows or can look up will never end here: say so, do not hang.
             for job_id in ids:
-                missing = statuses[job_id].state is JobState.UNKNOWN and not statuses[job_id].source
-                unseen[job_id] = unseen.get(job_id, 0) + 1 if missing else 0
-            lost = [i for i, n in unseen.items() if n >= 3]
-            if lost:
-                raise NotFoundError(f"unknown job id(s): {', '.join(lost)}")
+                st = statuses[job_id]
+                unanswered = st.not_found or st.lookup_failed
+                unseen[job_id] = unseen.get(job_id, 0) + 1 if unanswered else 0
+            check_answered({i: statuses[i] for i, n in unseen.items() if n >= UNANSWERED_POLLS})
             if deadline is not None and time.monotonic() >= deadline:
                 waiting = [i for i in ids if not statuses[i].is_terminal]
                 raise WaitTimeout(

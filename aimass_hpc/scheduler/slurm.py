@@ -4,13 +4,18 @@
 * ``status`` makes ONE ``squeue --user=ME --states=all --array -O ...`` call for any number of jobs
   (no ``-j``: in 22.05 one unknown id there fails the whole query) and falls back to one
   ``sacct -X --parsable2`` call for the ids the controller has already forgotten (older than
-  ``MinJobAge``). slurmdbd lags the controller, which is why squeue is asked first. Without
-  accounting, forgotten jobs are ``UNKNOWN``.
+  ``MinJobAge``). slurmdbd lags the controller, which is why squeue is asked first. When that
+  sacct call fails (slurmdbd down, or no accounting at all), forgotten jobs are ``UNKNOWN``
+  with ``source`` :data:`~aimass_hpc.scheduler.base.LOOKUP_FAILED`: they may have run, so
+  callers must not take them for ids nobody knows.
+* ``sbatch`` gets ``$AIMASS_SBATCH_TIMEOUT`` seconds (default 60); when it does not answer in
+  time, :class:`~aimass_hpc.scheduler.base.CommandTimeout` says the job may be queued anyway.
 * ``scancel`` is silent about unknown ids in 22.05, so ``cancel`` checks the ids first.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pwd
 import re
@@ -18,8 +23,16 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from aimass_hpc.errors import ConflictError, NotFoundError, SchedulerError
-from aimass_hpc.scheduler.base import CommandRunner, JobStatus, Scheduler, submission_env
+from aimass_hpc.errors import ConflictError, InputError, NotFoundError, SchedulerError
+from aimass_hpc.scheduler.base import (
+    LOOKUP_FAILED,
+    AccountingUnavailable,
+    CommandRunner,
+    JobStatus,
+    Scheduler,
+    check_answered,
+    submission_env,
+)
 from aimass_hpc.scheduler.states import JobState, aggregate_state, normalize_state
 from aimass_hpc.timelimit import parse_elapsed
 
@@ -47,6 +60,22 @@ SACCT_FIELDS = (
     "JobName",
 )
 _JOB_ID_RE = re.compile(r"^\d+(?:_\d+)?$")
+SBATCH_TIMEOUT_ENV = "AIMASS_SBATCH_TIMEOUT"
+SBATCH_TIMEOUT_DEFAULT = 60.0
+
+
+def sbatch_timeout() -> float:
+    """Seconds ``sbatch`` may take (``$AIMASS_SBATCH_TIMEOUT``, default 60)."""
+    raw = os.environ.get(SBATCH_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return SBATCH_TIMEOUT_DEFAULT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < math.inf:
+        raise InputError(f"${SBATCH_TIMEOUT_ENV}: {raw!r} is not a positive number of seconds")
+    return value
 
 
 def _wait_status_to_exit(raw: str) -> int | None:
@@ -143,7 +172,7 @@ class SlurmScheduler(Scheduler):
             *_output_override(run_dir),
             str(Path(script_path).resolve()),
         ]
-        proc = self.runner(argv, env=submission_env(env), cwd=run_dir)
+        proc = self.runner(argv, env=submission_env(env), cwd=run_dir, timeout=sbatch_timeout())
         if proc.returncode != 0:
             raise SchedulerError(f"sbatch refused the job: {_error_line(proc.stderr, proc.stdout)}")
         job_id = proc.stdout.strip().splitlines()[-1].split(";")[0].strip() if proc.stdout else ""
@@ -230,6 +259,8 @@ class SlurmScheduler(Scheduler):
 
         squeue forgets a finished job after MinJobAge (300 s by default), so a driver that
         was down longer than that finds the job in sacct (by its working directory).
+        ``AccountingUnavailable`` when squeue knows none and sacct fails: the controller has no
+        such job queued or running, but one may have run and been forgotten.
         """
         user = pwd.getpwuid(os.getuid()).pw_name
         argv = ["squeue", f"--user={user}", "--states=all", "--noheader", "-o", "%i|%o"]
@@ -242,13 +273,16 @@ class SlurmScheduler(Scheduler):
             job_id, _, command = line.partition("|")
             if command and Path(command.strip()).parent == wanted:
                 _add_base_id(found, job_id)
-        return found or self.jobs_in_accounting(wanted, user=user)
+        return found or self.jobs_in_accounting(wanted, user=user, strict=True)
 
-    def jobs_in_accounting(self, run_dir: Path, *, user: str | None = None) -> list[str]:
-        """Accounting records of jobs that ran in ``run_dir`` (empty without accounting).
+    def jobs_in_accounting(
+        self, run_dir: Path, *, user: str | None = None, strict: bool = False
+    ) -> list[str]:
+        """Accounting records of jobs that ran in ``run_dir``.
 
         Only jobs submitted since shortly before the run directory was created are asked for,
-        so the query stays small on a busy site.
+        so the query stays small on a busy site. When sacct fails the answer is empty, or with
+        ``strict`` an ``AccountingUnavailable`` naming sacct's error.
         """
         try:
             since = time.localtime(run_dir.stat().st_mtime - 3600)
@@ -262,6 +296,10 @@ class SlurmScheduler(Scheduler):
         ]  # fmt: skip
         proc = self.runner(argv, env=submission_env())
         if proc.returncode != 0:
+            if strict:
+                raise AccountingUnavailable(
+                    f"sacct failed: {_error_line(proc.stderr, proc.stdout)}"
+                )
             return []  # accounting disabled or slurmdbd down: nothing more to learn
         found: list[str] = []
         for line in proc.stdout.splitlines():
@@ -271,7 +309,11 @@ class SlurmScheduler(Scheduler):
         return found
 
     def _sacct(self, ids: list[str]) -> dict[str, JobStatus]:
-        """Accounting records for ids the controller no longer knows (one call)."""
+        """Accounting records for ids the controller no longer knows (one call).
+
+        When sacct itself fails every asked id gets a ``LOOKUP_FAILED`` status carrying the
+        error, never silence: such a job may have run, and only accounting could say how.
+        """
         wanted = [i for i in ids if _JOB_ID_RE.match(i)]
         if not wanted:
             return {}
@@ -285,7 +327,11 @@ class SlurmScheduler(Scheduler):
         ]
         proc = self.runner(argv, env=submission_env())
         if proc.returncode != 0:
-            return {}  # accounting disabled or slurmdbd down: the caller reports UNKNOWN
+            reason = f"sacct failed: {_error_line(proc.stderr, proc.stdout)}"
+            return {
+                job_id: JobStatus(job_id, "", JobState.UNKNOWN, reason=reason, source=LOOKUP_FAILED)
+                for job_id in wanted
+            }
         rows: dict[str, JobStatus] = {}
         by_array: dict[str, list[JobStatus]] = {}
         for line in proc.stdout.splitlines():
@@ -318,14 +364,14 @@ class SlurmScheduler(Scheduler):
     # ------------------------------------------------------------------ control
 
     def cancel(self, job_ids: Iterable[str]) -> list[str]:
-        """Cancel active jobs; returns the ids signalled. Unknown ids -> NotFoundError."""
+        """Cancel active jobs; returns the ids signalled.
+
+        Unknown ids -> ``NotFoundError``; ids the controller no longer lists whose accounting
+        lookup failed -> ``SchedulerError`` (they are not running, but may not exist either).
+        """
         ids = [str(i) for i in job_ids]
         statuses = self.status(ids)
-        unknown = [
-            i for i, st in statuses.items() if st.state is JobState.UNKNOWN and not st.source
-        ]
-        if unknown:
-            raise NotFoundError(f"unknown job id(s): {', '.join(unknown)}")
+        check_answered(statuses)
         active = [i for i, st in statuses.items() if not st.is_terminal]
         if active:
             proc = self.runner(["scancel", *active], env=submission_env())

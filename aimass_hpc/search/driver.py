@@ -18,6 +18,13 @@ submitted (or adopted when their job was queued just before the kill), lost ones
 under the same trial id. A trial id is never duplicated and the search ends at exactly the
 budget. One driver at a time: a lock file with a heartbeat in the search directory.
 
+A trial whose job may have run is never resubmitted on "unknown". The trial's run directory
+outranks the scheduler: a ``result.json`` is the trial's result, and its logs (the batch
+script's ``aimass: job N restart`` header, Slurm's ``slurm-N.out``) prove its job started. A
+scheduler that cannot answer (squeue failing, or the job gone from squeue and sacct failing)
+means waiting, said once; a trial is lost (and resubmitted) only when the scheduler answers
+that it knows no such job AND the run directory shows no sign of a start.
+
 Search directory layout::
 
     <search dir>/
@@ -49,6 +56,7 @@ from aimass_hpc import fsutil
 from aimass_hpc.errors import ConflictError, InputError, NotFoundError, SchedulerError
 from aimass_hpc.runs import RunDir
 from aimass_hpc.runtime.result import RESULT_FILE  # written by report_result / write_result
+from aimass_hpc.scheduler.base import AccountingUnavailable
 from aimass_hpc.search import journal as J
 from aimass_hpc.search.journal import FileLock, Journal, SearchState, TrialRecord, replay
 from aimass_hpc.search.pruning import History, SuccessiveHalving, read_history
@@ -281,6 +289,53 @@ def _log_tail(run_dir: str | None, lines: int = 1) -> str:
     return " | ".join(tail)[:200]
 
 
+# What the job scripts print first in every restart log (job_templates/job.j2), and the name
+# of Slurm's own output file (``#SBATCH --output=logs/slurm-%j.out``).
+_LOG_HEADER_RE = re.compile(r"^aimass: job (\d+)[_\d]* restart ")
+_BATCH_LOG_RE = re.compile(r"^slurm-(\d+)(?:_\d+)?\.out$")
+
+
+@dataclass(frozen=True)
+class RunEvidence:
+    """What a trial's run directory itself says about its job (whatever the scheduler says)."""
+
+    started: bool  # some job wrote logs here: it ran
+    job_ids: tuple[str, ...] = ()  # the ids those logs name, oldest first
+
+    @property
+    def job_id(self) -> str | None:
+        """The newest job id the logs name."""
+        return self.job_ids[-1] if self.job_ids else None
+
+
+def run_evidence(run_dir: str | os.PathLike[str] | None) -> RunEvidence:
+    """Whether a job started in ``run_dir`` and which job ids its logs name."""
+    if not run_dir:
+        return RunEvidence(False)
+    run = RunDir(Path(run_dir))
+    if not run.path.is_dir():
+        return RunEvidence(False)
+    logs, batch = run.log_files(), run.batch_logs()
+    ids: list[str] = []
+    for path in batch:
+        match = _BATCH_LOG_RE.match(path.name)
+        if match and match.group(1) not in ids:
+            ids.append(match.group(1))
+    for path in logs:
+        match = _LOG_HEADER_RE.match(_first_line(path))
+        if match and match.group(1) not in ids:
+            ids.append(match.group(1))
+    return RunEvidence(bool(logs or batch), tuple(ids))
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.readline(500)
+    except OSError:
+        return ""
+
+
 # ---------------------------------------------------------------------------------------------
 # The driver
 
@@ -327,6 +382,8 @@ class SearchDriver:
             else None
         )
         self._misses: dict[int, int] = {}
+        self._waiting: dict[int, str] = {}  # trial -> why it waits on the scheduler (said once)
+        self._poll_error: str | None = None  # the last failed poll's error (said once)
         self._submit_errors: dict[int, int] = {}
         self._histories: dict[int, History] = {}
         self._stop_signal: str | None = None
@@ -430,7 +487,7 @@ class SearchDriver:
             proposed += 1
 
     def _submit(self, trial_id: int, params: dict[str, Any], *, attempt: int) -> None:
-        from aimass_hpc.submission import submit
+        from aimass_hpc.submission import SubmitUnknown, submit
 
         self._heartbeat()
         try:
@@ -454,9 +511,16 @@ class SearchDriver:
             self._submit_errors[trial_id] = n
             if n >= SUBMIT_ATTEMPTS:
                 self._end(trial_id, J.TRIAL_FAILED, reason=f"submission failed {n} times: {exc}")
+            elif isinstance(exc, SubmitUnknown):
+                self.echo(
+                    f"trial {trial_id}: submission uncertain ({exc}); "
+                    "looking for its job again next poll before any new submission"
+                )
             else:
                 self.echo(f"trial {trial_id}: submission failed ({exc}); retrying next poll")
             return
+        if sub.note:
+            self.echo(f"trial {trial_id}: {sub.note}")
         self._submit_errors.pop(trial_id, None)
         run_dir = str(getattr(sub.run_dir, "path", sub.run_dir))
         self.journal.append(
@@ -482,14 +546,20 @@ class SearchDriver:
         try:
             statuses = self.scheduler.status([t.job_id for t in watched])
         except SchedulerError as exc:
-            self.echo(f"status poll failed ({exc}); retrying")
+            if str(exc) != self._poll_error:
+                self.echo(f"status poll failed ({exc}); waiting for the scheduler, retrying")
+            self._poll_error = str(exc)
             return
+        if self._poll_error is not None:
+            self.echo("the scheduler answers again")
+            self._poll_error = None
         for t in watched:
             st = statuses.get(str(t.job_id))
             if st is None or st.state is JobState.UNKNOWN:
-                self._missing(t)
+                self._missing(t, st)
                 continue
             self._misses.pop(t.id, None)
+            self._stop_waiting(t)
             if not st.is_terminal:
                 if t.state == J.SUBMITTED and st.state in (JobState.RUNNING, JobState.COMPLETING):
                     started = time.time() - float(st.elapsed or 0)
@@ -536,18 +606,57 @@ class SearchDriver:
         else:
             self._end(t.id, J.TRIAL_FINISHED, value=value, source=source, started_at=started)
 
-    def _missing(self, t: TrialRecord) -> None:
-        """A job the scheduler no longer knows: read its result, or count it lost."""
+    def _missing(self, t: TrialRecord, st: Any) -> None:
+        """A job the scheduler gives no state for: the run directory first, then wait or lose.
+
+        Only a job that every scheduler command answered it does not know, whose run
+        directory shows no start, is lost (and so resubmitted); one that started and is
+        known nowhere fails with the reason; one the scheduler cannot answer for is waited on.
+        """
         if t.run_dir:
             value, source = read_trial_value(t.run_dir, self.spec.search.metric, "result-only")
             if value is not None and source.startswith(RESULT_FILE):
+                self._stop_waiting(t)
                 self._collect(t, t.started_at)
                 return
+        if st is not None and st.lookup_failed:
+            self._misses.pop(t.id, None)
+            self._wait_for_scheduler(
+                t,
+                f"job {t.job_id} has left the queue and the scheduler cannot say how it ended "
+                f"({st.reason})",
+            )
+            return
+        if st is not None and st.source:  # listed, in a state string we do not know
+            self._wait_for_scheduler(
+                t, f"job {t.job_id} is in a state aimass does not know ({st.raw_state or '?'})"
+            )
+            return
         n = self._misses.get(t.id, 0) + 1
         self._misses[t.id] = n
-        if n >= MISSES_BEFORE_LOST:
-            self._misses.pop(t.id, None)
-            self._lose(t, f"job {t.job_id} is unknown to the scheduler")
+        if n < MISSES_BEFORE_LOST:
+            return
+        self._misses.pop(t.id, None)
+        self._stop_waiting(t)
+        if run_evidence(t.run_dir).started:
+            self._end(
+                t.id,
+                J.TRIAL_FAILED,
+                reason=f"job {t.job_id} ran (its run directory has logs) but neither the "
+                "scheduler nor the trial says how it ended (no result.json)",
+            )
+        else:
+            self._lose(t, f"job {t.job_id} is unknown to the scheduler and never started")
+
+    def _wait_for_scheduler(self, t: TrialRecord, why: str) -> None:
+        """Keep ``t`` as it is until the scheduler can answer; say so once."""
+        if self._waiting.get(t.id) != why:
+            self.echo(f"trial {t.id}: {why}; waiting for the scheduler (not resubmitting)")
+        self._waiting[t.id] = why
+
+    def _stop_waiting(self, t: TrialRecord) -> None:
+        if self._waiting.pop(t.id, None) is not None:
+            self.echo(f"trial {t.id}: the scheduler answers again")
 
     def _lose(self, t: TrialRecord, reason: str) -> None:
         self.journal.append(J.TRIAL_LOST, trial=t.id, job_id=t.job_id, reason=reason)
@@ -561,44 +670,68 @@ class SearchDriver:
             else:
                 self._submit(t.id, t.params, attempt=t.attempts + 1)
         for t in state.by_state(J.PROPOSED):
-            if not self._adopt_orphan(t, state):
+            if self._adopt_orphan(t, state) == "none":
                 self._submit(t.id, t.params, attempt=t.attempts + 1)
 
-    def _adopt_orphan(self, t: TrialRecord, state: SearchState) -> bool:
-        """A job queued for ``t`` just before a crash (run dir with a job id, not journaled)."""
+    def _adopt_orphan(self, t: TrialRecord, state: SearchState) -> str:
+        """A job queued for ``t`` but not journaled (a crash, or a submit that timed out).
+
+        Returns ``"adopted"``, ``"wait"`` (the scheduler cannot say whether one was queued)
+        or ``"none"`` (positive evidence nothing was: submit).
+        """
+        for entry in self._orphan_dirs(t, state):
+            decision = self._adopt_from(t, entry)
+            if decision != "none":
+                return decision
+        return "none"
+
+    def _orphan_dirs(self, t: TrialRecord, state: SearchState) -> list[Path]:
+        """Run directories made for trial ``t`` that the journal does not know."""
         known = {tr.run_dir for tr in state.trials.values() if tr.run_dir}
         root = self.sdir.trials_root
         if not root.is_dir():
-            return False
+            return []
+        found = []
         for entry in sorted(root.iterdir()):
             if str(entry) in known or not (entry / PARAMS_FILE).is_file():
                 continue
-            run = RunDir(entry)
             try:
-                payload = run.read_spec()
+                payload = RunDir(entry).read_spec()
             except (OSError, ValueError):
                 continue
-            if _payload_trial(payload) != t.id:
-                continue
-            job_id = run.job_id
-            if not job_id:
-                # Killed while sbatch ran: the job may be queued with its id recorded nowhere.
+            if _payload_trial(payload) == t.id:
+                found.append(entry)
+        return found
+
+    def _adopt_from(self, t: TrialRecord, entry: Path) -> str:
+        """Adopt the job of one orphan run directory if it has one (see :meth:`_adopt_orphan`)."""
+        run = RunDir(entry)
+        job_id = run.job_id or run_evidence(entry).job_id
+        if not job_id:
+            # Killed while sbatch ran (or it timed out): the job may be queued, id unrecorded.
+            try:
                 found = self.scheduler.find_jobs_for_run(entry)
-                if not found:
-                    continue
-                job_id = found[-1]
-                run.update_state(job_id=job_id)
-            self.journal.append(
-                J.TRIAL_SUBMITTED,
-                trial=t.id,
-                job_id=str(job_id),
-                run_dir=str(entry),
-                attempt=t.attempts + 1,
-                adopted=True,
-            )
-            self.echo(f"trial {t.id}: adopted job {job_id} queued before the driver stopped")
-            return True
-        return False
+            except AccountingUnavailable:
+                found = []  # squeue answered: not queued; no logs in the run dir: never started
+            except SchedulerError as exc:
+                self._wait_for_scheduler(t, f"cannot tell whether its job was queued ({exc})")
+                return "wait"
+            if not found:
+                return "none"
+            job_id = found[-1]
+        self._stop_waiting(t)
+        if run.job_id != job_id:
+            run.update_state(job_id=job_id, status="submitted", adopted=True)
+        self.journal.append(
+            J.TRIAL_SUBMITTED,
+            trial=t.id,
+            job_id=str(job_id),
+            run_dir=str(entry),
+            attempt=t.attempts + 1,
+            adopted=True,
+        )
+        self.echo(f"trial {t.id}: adopted job {job_id} queued before the driver stopped")
+        return "adopted"
 
     # ------------------------------------------------------------------------- pruning
 
@@ -661,12 +794,21 @@ class SearchDriver:
             return
         try:
             self.scheduler.cancel(ids)
+            return
         except NotFoundError:
-            for job_id in ids:  # some already gone: cancel the rest one by one
-                with contextlib.suppress(NotFoundError, SchedulerError):
-                    self.scheduler.cancel([job_id])
+            if len(ids) == 1:
+                return  # already gone
         except SchedulerError as exc:
-            self.echo(f"cancel of {', '.join(ids)} failed: {exc}")
+            if len(ids) == 1:
+                self.echo(f"cancel of job {ids[0]} failed: {exc}")
+                return
+        for job_id in ids:  # some gone or unanswerable: cancel the others one by one
+            try:
+                self.scheduler.cancel([job_id])
+            except NotFoundError:
+                continue
+            except SchedulerError as exc:
+                self.echo(f"cancel of job {job_id} failed: {exc}")
 
     def _cancel_active(self, state: SearchState, reason: str) -> None:
         active = state.active
