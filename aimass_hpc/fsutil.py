@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -160,3 +161,37 @@ def read_json_lines(path: str | os.PathLike[str]) -> list[Any]:
     except FileNotFoundError:
         pass
     return out
+
+
+def check_input_file(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` if it is a regular file; ``InputError`` (one line) otherwise.
+
+    Refuses a missing path, a directory, and a FIFO or device (reading one would block or
+    never end) before anything tries to read it.
+    """
+    source = Path(path)
+    try:
+        mode = source.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {shown_path(source)}") from None
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, no permission
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InputError(f"{shown_path(source)}: cannot read the {what} ({reason})") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{shown_path(source)}: is a directory, not a {what}")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{shown_path(source)}: not a regular file (a {what} must be a file)")
+    return source
+
+
+def read_user_text(path: str | os.PathLike[str], what: str) -> str:
+    """A file a user named (spec, script, site config) as UTF-8 text; ``InputError`` (one line)
+    for anything else: see :func:`check_input_file`, plus unreadable or non-UTF-8 bytes."""
+    source = check_input_file(path, what)
+    where = shown_path(source)
+    try:
+        return source.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{where}: the {what} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{where}: cannot read the {what} ({exc.strerror})") from None

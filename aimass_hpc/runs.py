@@ -288,6 +288,27 @@ class RunDir:
                 return path
         return None
 
+    def exit_record(self, task: int | None = None) -> dict[str, Any] | None:
+        """How the latest attempt ended, from the job script's exit record, or None.
+
+        The generic template writes ``logs/exit-[task-T-]restart-N.json`` (``exit_code``,
+        ``job_id``, ``restart``) when its shell exits. Only the record of the latest restart
+        that has a log counts: an earlier restart's record describes a requeued attempt.
+        Missing (the node died, launcher "none") or unreadable records give None.
+        """
+        latest = self.log_file(task=task)
+        if latest is None:
+            return None
+        path = self.logs_dir / ("exit-" + latest.name.removesuffix(".log") + ".json")
+        try:
+            record = read_json(path)
+        except (OSError, ValueError):
+            return None
+        code = record.get("exit_code") if isinstance(record, dict) else None
+        if not isinstance(code, int) or isinstance(code, bool):
+            return None
+        return record
+
     def batch_logs(self) -> list[Path]:
         """Slurm's own output files (what the script printed before its exec redirect)."""
         found: list[Path] = []

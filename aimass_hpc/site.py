@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 import aimass_hpc
 from aimass_hpc.errors import InputError, NotFoundError
+from aimass_hpc.fsutil import read_user_text
 from aimass_hpc.names import (
     MEM_SIZE,
     SIGNAL,
@@ -680,14 +681,11 @@ def load_site(ref: str | None = None) -> Site:
     invalid, ``NotFoundError`` when no such site exists.
     """
     path = resolve_site_path(ref)
+    text = read_user_text(path, "site config")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"site {path}: not valid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"site {path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise InputError(f"site {path}: cannot read it: {exc.strerror}") from None
     site, problems = parse_site(data, str(path))
     if site is None or problems:
         more = (

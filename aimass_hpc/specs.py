@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aimass_hpc.errors import InputError
+from aimass_hpc.fsutil import read_user_text
 from aimass_hpc.names import (
     SBATCH_OPTION,
     SBATCH_VALUE,
@@ -287,14 +288,9 @@ def sbatch_options(script: str) -> dict[str, str]:
 
 def read_spec_toml(path: Path, what: str = "spec file") -> dict[str, Any]:
     """The table in TOML file ``path``; a missing or malformed file is one InputError line."""
+    text = read_user_text(path, what)  # a FIFO, a directory, non-UTF-8: one line
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise InputError(f"{what} {path} is a directory, not a TOML file") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{what} {path} is not UTF-8 text") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: not valid TOML: {exc}") from None
 

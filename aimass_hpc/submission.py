@@ -12,7 +12,6 @@ up by its run directory and adopted when found; otherwise the run's state says
 from __future__ import annotations
 
 import os
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 from aimass_hpc import __version__
 from aimass_hpc.errors import AimassError, InputError, SchedulerError
+from aimass_hpc.fsutil import read_user_text
 from aimass_hpc.render import render_request
 from aimass_hpc.runs import RunDir, index_job
 from aimass_hpc.scheduler import CommandTimeout, Scheduler, get_scheduler
@@ -61,38 +61,6 @@ class Submission:
         if self.note:
             data["note"] = self.note
         return data
-
-
-def check_input_file(path: str | os.PathLike[str], what: str = "batch script") -> Path:
-    """``path`` if it is a regular file; ``InputError`` (one line) otherwise.
-
-    Refuses a missing path, a directory, and a FIFO or device (reading one would block or
-    never end) before anything tries to read it.
-    """
-    source = Path(path)
-    try:
-        mode = source.stat().st_mode
-    except FileNotFoundError:
-        raise InputError(f"{what} not found: {source}") from None
-    except OSError as exc:
-        raise InputError(f"{source}: cannot read the {what} ({exc.strerror})") from None
-    if stat.S_ISDIR(mode):
-        raise InputError(f"{source}: is a directory, not a {what}")
-    if not stat.S_ISREG(mode):
-        raise InputError(f"{source}: not a regular file (a {what} must be a file)")
-    return source
-
-
-def read_script_text(path: str | os.PathLike[str]) -> str:
-    """A user's batch script as text; ``InputError`` (one line) for anything else: see
-    :func:`check_input_file`, plus an unreadable file and bytes that are not UTF-8."""
-    source = check_input_file(path)
-    try:
-        return source.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{source}: not a text script (not UTF-8)") from None
-    except OSError as exc:
-        raise InputError(f"{source}: cannot read the batch script ({exc.strerror})") from None
 
 
 def submit(
@@ -168,7 +136,7 @@ def submit_script(
     like a spec's ``sbatch_extra`` plus the resource options a script may legitimately set.
     """
     source = Path(script_path)
-    text = read_script_text(source)
+    text = read_user_text(source, "batch script")
     if not text.startswith("#!"):
         raise InputError(f"{source}: a batch script must start with #! (e.g. #!/bin/bash)")
     args = list(sbatch_args or [])

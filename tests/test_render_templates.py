@@ -3,13 +3,18 @@ validation a request gets against its site."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
+import time
 
 import pytest
 from _sitefixtures import write_site
 
 from aimass_hpc.errors import InputError
 from aimass_hpc.render import TEMPLATE_NAMES, render_request
+from aimass_hpc.runs import RunDir
 from aimass_hpc.site import BUNDLED_SITES, load_site
 from aimass_hpc.specs import JobRequest, load_job_spec, slurm_job_name
 
@@ -91,12 +96,60 @@ def test_multi_node_launch_line():
     assert "python3 -m aimass_hpc.runtime job --config 'a b.json'" in script
 
 
-def test_launcher_none_execs_and_signals_the_batch_shell():
+def test_launcher_none_runs_a_child_and_signals_the_batch_shell():
     site = load_site("dev")
     script = render_request(site, request_for(site, "job", launcher="none"), "/runs/x")
     assert "#SBATCH --signal=B:USR1@30" in script
-    assert "\nexec python3 -m aimass_hpc.runtime job" in script
+    assert "\npython3 -m aimass_hpc.runtime job --config 'a b.json' &\n" in script
+    assert 'trap \'kill -s USR1 "$aimass_child"' in script
     assert "srun " not in script
+
+
+def _run_batch_shell(tmp_path, command, *, signal_after=None, restart="0"):
+    """Render a launcher-none job for the local site and run it with bash as Slurm would."""
+    site = write_site(tmp_path, "local")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    request = JobRequest(name="x", command=command, launcher="none", signal=False)
+    script = render_request(site, request, run_dir)
+    (run_dir / "job.sh").write_text(script)
+    env = {**os.environ, "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": restart}
+    proc = subprocess.Popen(["bash", str(run_dir / "job.sh")], env=env, cwd=run_dir)
+    if signal_after is not None:
+        deadline = time.monotonic() + 30
+        while not (run_dir / "ready").exists():
+            assert time.monotonic() < deadline, "the command never started"
+            time.sleep(0.05)
+        proc.send_signal(signal_after)  # to the batch shell only, as --signal=B: does
+    rc = proc.wait(timeout=60)
+    return rc, run_dir
+
+
+def test_the_exit_record_says_how_the_command_ended(tmp_path):
+    rc, run_dir = _run_batch_shell(tmp_path, ["bash", "-c", "exit 3"])
+    assert rc == 3
+    record = json.loads((run_dir / "logs" / "exit-restart-0.json").read_text())
+    assert record == {**record, "job_id": "77", "restart": 0, "exit_code": 3}
+    assert RunDir(run_dir).exit_record()["exit_code"] == 3
+    assert not list((run_dir / "logs").glob("*.tmp.*"))  # written by rename
+
+
+def test_the_warning_signal_reaches_the_command_through_the_batch_shell(tmp_path):
+    child = (
+        "trap 'echo got-usr1 > warned; exit 0' USR1; touch ready; "
+        "for i in $(seq 600); do sleep 0.1; done; exit 9"
+    )
+    rc, run_dir = _run_batch_shell(tmp_path, ["bash", "-c", child], signal_after=signal.SIGUSR1)
+    assert rc == 0
+    assert (run_dir / "warned").read_text() == "got-usr1\n"
+    assert RunDir(run_dir).exit_record()["exit_code"] == 0
+
+
+def test_only_the_latest_restart_exit_record_counts(tmp_path):
+    rc, run_dir = _run_batch_shell(tmp_path, ["bash", "-c", "exit 1"])
+    assert rc == 1
+    (run_dir / "logs" / "restart-1.log").write_text("aimass: job 77 restart 1\n")
+    assert RunDir(run_dir).exit_record() is None  # restart 1 is running: no verdict yet
 
 
 def test_gpus_per_node_style_and_site_defaults():

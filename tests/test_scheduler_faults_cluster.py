@@ -168,7 +168,7 @@ def _start_search_and_kill_the_driver(faults: Faults, tmp_path: Path, site) -> P
         tmp_path,
         budget=3,
         parallel=3,
-        env={"OBJ_SLEEP": "4", "OBJ_REPORT_TRIALS": "0,1"},
+        env={"OBJ_SLEEP": "4", "OBJ_REPORT_TRIALS": "0"},
         extra=TRIAL_TIME,
     )
     search_dir = tmp_path / "search"
@@ -199,6 +199,11 @@ def test_finished_trials_are_not_rerun_when_squeue_forgot_them_and_sacct_fails(
     final = get_scheduler(site).wait(jobs, timeout=120)  # the trials finish, no driver around
     assert {st.state.value for st in final.values()} == {"COMPLETED"}
     assert faults.sbatch_calls() == 3
+    # Trial 0 wrote result.json; trial 1 only printed its value, but its job script left an
+    # exit record; trial 2's node "died" before the script could write one.
+    exit_records = sorted((Path(before.trials[2].run_dir) / "logs").glob("exit-*.json"))
+    assert len(exit_records) == 1 and '"exit_code": 0' in exit_records[0].read_text()
+    exit_records[0].unlink()
 
     # MinJobAge passes (squeue forgets them) while slurmdbd is down
     faults.hide(jobs)
@@ -233,7 +238,7 @@ def test_finished_trials_are_not_rerun_when_squeue_forgot_them_and_sacct_fails(
         assert len(waiting) == 1, text  # said once, not every poll
         assert f"trial 2: job {jobs[2]} has left the queue" in waiting[0]
         assert "sacct failed" in waiting[0]
-        # trials 0 and 1 wrote result.json: their run directories outrank the silent scheduler
+        # trial 0's result.json and trial 1's exit record outrank the silent scheduler
         state = SearchDir.open(search_dir).state()
         assert state.trials[0].state == state.trials[1].state == J.FINISHED
         assert state.trials[2].state in (J.SUBMITTED, J.RUNNING)

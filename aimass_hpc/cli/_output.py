@@ -35,3 +35,10 @@ def echo_dry_run(summary: dict[str, Any], script: str, as_json: bool) -> None:
         click.echo(json.dumps({**summary, "script": script}, indent=2))
     else:
         echo_script(script)
+
+
+def echo_submit_note(note: str | None) -> None:
+    """Say on stderr how a submission ended when it was not plain (an sbatch that timed out
+    and whose job was found and adopted)."""
+    if note:
+        click.echo(f"aimass: note: {note}", err=True)

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from aimass_hpc.cli._output import echo_dry_run, echo_script
+from aimass_hpc.cli._output import echo_dry_run, echo_script, echo_submit_note
 from aimass_hpc.errors import InputError, NotFoundError
 from aimass_hpc.runs import RunDir, find_run, list_runs
 from aimass_hpc.runtime.metrics import summarize
@@ -44,8 +44,8 @@ def _is_spec(path: str) -> bool:
 
 
 def _load_request(path: str, site_obj: Site, sbatch_args: tuple[str, ...], name: str | None):
+    from aimass_hpc.fsutil import check_input_file
     from aimass_hpc.specs import load_job_spec
-    from aimass_hpc.submission import check_input_file
 
     check_input_file(path, "spec file")  # a FIFO named x.toml would block the TOML reader
     overrides: dict[str, object] = {}
@@ -84,11 +84,11 @@ def render(path: str, site_ref: str | None, sbatch_args: tuple[str, ...]) -> Non
     The output is byte for byte what a submission writes to ``job.sh``, except for the run
     directory's path (a placeholder here).
     """
-    from aimass_hpc.submission import read_script_text
+    from aimass_hpc.fsutil import read_user_text
 
     site_obj = load_site(site_ref)
     if not _is_spec(path):
-        echo_script(read_script_text(path))
+        echo_script(read_user_text(path, "batch script"))
         return
     from aimass_hpc.render import render_request
 
@@ -140,8 +140,7 @@ def submit(
     if dry_run:
         echo_dry_run(sub.to_dict(), sub.script, as_json)
         return
-    if sub.note:
-        click.echo(f"aimass: note: {sub.note}", err=True)
+    echo_submit_note(sub.note)
     if not wait_:
         if as_json:
             click.echo(json.dumps(sub.to_dict(), indent=2))

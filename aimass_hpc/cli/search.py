@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from aimass_hpc.cli._output import echo_script
 from aimass_hpc.errors import ConflictError, InputError, NotFoundError
 from aimass_hpc.fsutil import os_error, shown_path
 from aimass_hpc.search import journal as J
@@ -167,10 +168,10 @@ def run_cmd(
         click.echo(f"# search {spec.search.name!r}: {spec.search.budget} trials, "
                    f"{spec.search.parallel} at once, sampler {spec.search.sampler}")  # fmt: skip
         click.echo(f"# trial {first.id} params: {json.dumps(first.params)}")
-        click.echo(preview.script, nl=False)
+        echo_script(preview.script)
         if driver_preview is not None:
             click.echo("\n# --detach: the driver job")
-            click.echo(driver_preview.script, nl=False)
+            echo_script(driver_preview.script)
         return
 
     text = Path(spec_path).read_text(encoding="utf-8")

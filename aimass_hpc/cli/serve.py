@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from aimass_hpc.cli._output import echo_dry_run
+from aimass_hpc.cli._output import echo_dry_run, echo_submit_note
 from aimass_hpc.errors import InputError
 
 site_option = click.option(
@@ -118,6 +118,7 @@ def start(
     if dry_run:
         echo_dry_run(summary, sub.script, as_json)
         return
+    echo_submit_note(sub.note)
     console = Console(stderr=as_json)
     console.print(
         f"[bold]submitted[/] service {ref}: job {sub.job_id}, {replicas} replica(s)\n"

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from aimass_hpc.cli._output import echo_dry_run
+from aimass_hpc.cli._output import echo_dry_run, echo_submit_note
 from aimass_hpc.errors import InputError
 from aimass_hpc.fsutil import os_error, shown_path
 
@@ -88,6 +88,7 @@ def train(
     if dry_run:
         echo_dry_run(summary, sub.script, as_json)
         return
+    echo_submit_note(sub.note)
     from rich.console import Console  # only when printing: it is slow to import
 
     console = Console(stderr=as_json)

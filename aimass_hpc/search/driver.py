@@ -607,7 +607,8 @@ class SearchDriver:
             self._end(t.id, J.TRIAL_FINISHED, value=value, source=source, started_at=started)
 
     def _missing(self, t: TrialRecord, st: Any) -> None:
-        """A job the scheduler gives no state for: the run directory first, then wait or lose.
+        """A job the scheduler gives no state for: the run directory first (result.json, then
+        the job script's exit record), then wait or lose.
 
         Only a job that every scheduler command answered it does not know, whose run
         directory shows no start, is lost (and so resubmitted); one that started and is
@@ -618,6 +619,21 @@ class SearchDriver:
             if value is not None and source.startswith(RESULT_FILE):
                 self._stop_waiting(t)
                 self._collect(t, t.started_at)
+                return
+            ended = RunDir(Path(t.run_dir)).exit_record()
+            if ended is not None and str(ended.get("job_id")) in ("", str(t.job_id)):
+                self._stop_waiting(t)
+                self._misses.pop(t.id, None)
+                if ended["exit_code"] == 0:
+                    self._collect(t, t.started_at)
+                else:
+                    self._end(
+                        t.id,
+                        J.TRIAL_FAILED,
+                        reason=f"job {t.job_id} exited with code {ended['exit_code']} "
+                        "(its exit record; the scheduler no longer lists it)",
+                        started_at=t.started_at,
+                    )
                 return
         if st is not None and st.lookup_failed:
             self._misses.pop(t.id, None)
