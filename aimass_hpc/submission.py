@@ -238,9 +238,13 @@ def _queue(
 
 
 def record_job(run: RunDir, root: Path, job_id: str, **extra: Any) -> None:
-    """Index ``job_id`` under ``root`` and mark ``run`` submitted with it."""
-    index_job(root, job_id, run)
+    """Mark ``run`` submitted with ``job_id``, then index it under ``root``.
+
+    The run directory's own state first: if the index cannot be written, the job id is still
+    recorded where every command that looks at the run reads it.
+    """
     run.update_state(status="submitted", job_id=job_id, submitted_at=time.time(), **extra)
+    index_job(root, job_id, run)
 
 
 def adopt_queued_job(scheduler: Scheduler, run: RunDir, root: Path) -> str | None:

@@ -109,7 +109,7 @@ def test_odd_paths_are_one_line_input_errors(capsys, local_site, tmp_path, comma
         str(tmp_path / "dir.toml"): "is a directory",
         str(tmp_path / "missing.sh"): "batch script not found",
         str(tmp_path / "missing.toml"): "spec file not found",
-        str(latin1): "not a text script (not UTF-8)",
+        str(latin1): "the batch script is not UTF-8 text",
         str(fifo): "not a regular file",
         str(fifo_spec): "not a regular file",
     }
