@@ -28,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aimass_hpc.scheduler import CountingRunner, get_scheduler  # noqa: E402
-from aimass_hpc.site import load_site  # noqa: E402
-from aimass_hpc.specs import JobRequest  # noqa: E402
-from aimass_hpc.submission import submit  # noqa: E402
+from aimass_hpc.config.job_spec import JobRequest  # noqa: E402
+from aimass_hpc.config.site import load_site  # noqa: E402
+from aimass_hpc.launch.scheduler import CountingRunner, get_scheduler  # noqa: E402
+from aimass_hpc.launch.submit import submit  # noqa: E402
 
 
 def _cluster_env() -> None:

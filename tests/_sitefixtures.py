@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from aimass_hpc.site import BUNDLED_SITES, Site, load_site
+from aimass_hpc.config.site import BUNDLED_SITES, Site, load_site
 
 
 def _toml_value(value: Any) -> str:

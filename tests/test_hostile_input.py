@@ -26,10 +26,10 @@ from _sitefixtures import site_data, write_site
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aimass_hpc.errors import InputError, NotFoundError
-from aimass_hpc.render import render_request
-from aimass_hpc.site import Site, expand_path, parse_site
-from aimass_hpc.specs import JobRequest, request_from_mapping
+from aimass_hpc.common.errors import InputError, NotFoundError
+from aimass_hpc.config.job_spec import JobRequest, request_from_mapping
+from aimass_hpc.config.site import Site, expand_path, parse_site
+from aimass_hpc.launch.render import render_request
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
@@ -253,7 +253,7 @@ def _train_mapping(field: str, value: str) -> dict[str, Any]:
 @SETTINGS
 @given(field=st.sampled_from(sorted(TRAIN_FIELDS)), value=HOSTILE)
 def test_train_spec_fields(field: str, value: str) -> None:
-    from aimass_hpc.train_spec import plan_training, spec_from_mapping
+    from aimass_hpc.config.train_spec import plan_training, spec_from_mapping
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -331,8 +331,8 @@ def _search_mapping(field: str, value: str) -> dict[str, Any]:
 @SETTINGS
 @given(field=st.sampled_from(sorted(SEARCH_FIELDS)), value=HOSTILE)
 def test_search_spec_fields(field: str, value: str) -> None:
-    from aimass_hpc.search.driver import SearchDir, build_trial
-    from aimass_hpc.search.search_spec import spec_from_mapping
+    from aimass_hpc.config.search_spec import spec_from_mapping
+    from aimass_hpc.launch.search_driver import SearchDir, build_trial
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -384,7 +384,7 @@ def serve_site(tmp_path_factory: pytest.TempPathFactory) -> Site:
 @SETTINGS
 @given(field=st.sampled_from(SERVE_FIELDS), value=HOSTILE)
 def test_serve_options(serve_site: Site, field: str, value: str) -> None:
-    from aimass_hpc.serving import ServeOptions, plan_service
+    from aimass_hpc.launch.serving import ServeOptions, plan_service
 
     opts = ServeOptions(ref="toy@prod", time="00:10:00")
     if field == "ref":
@@ -553,8 +553,8 @@ CLUSTER_VALUES = [
 
 @pytest.mark.cluster
 def test_hostile_values_reach_a_slurm_job_byte_for_byte(cluster, tmp_path):
-    from aimass_hpc.scheduler import JobState, get_scheduler
-    from aimass_hpc.submission import submit
+    from aimass_hpc.launch.scheduler import JobState, get_scheduler
+    from aimass_hpc.launch.submit import submit
 
     canary = tmp_path / "canary"
     values = [v.replace("CANARY", str(canary)) for v in CLUSTER_VALUES]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from _sitefixtures import dev_site  # noqa: F401 - fixture
 
-from aimass_hpc.site import PACKAGE_ROOT
+from aimass_hpc.config.site import PACKAGE_ROOT
 
 pytestmark = pytest.mark.cluster
 HELLO = PACKAGE_ROOT / "examples" / "hello" / "hello.toml"

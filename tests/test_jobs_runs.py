@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from _sitefixtures import local_site  # noqa: F401 - fixture
 
-from aimass_hpc.errors import InputError, NotFoundError, SchedulerError
-from aimass_hpc.runs import RunDir, find_run, index_job, list_runs
-from aimass_hpc.scheduler import JobState, get_scheduler
-from aimass_hpc.scheduler.local import LocalScheduler
-from aimass_hpc.specs import JobRequest
-from aimass_hpc.submission import submit, submit_script
+from aimass_hpc.common.errors import InputError, NotFoundError, SchedulerError
+from aimass_hpc.config.job_spec import JobRequest
+from aimass_hpc.launch.runs import RunDir, find_run, index_job, list_runs
+from aimass_hpc.launch.scheduler import JobState, get_scheduler
+from aimass_hpc.launch.scheduler.local import LocalScheduler
+from aimass_hpc.launch.submit import submit, submit_script
 
 
 def _req(**fields) -> JobRequest:
@@ -203,7 +203,7 @@ def test_find_run_finds_search_trials_by_job_id(tmp_path):
 
 def _fail_with(monkeypatch, code: int, when=lambda path: True):
     """Make the run directory's atomic writes fail with OS error ``code`` (for matching paths)."""
-    import aimass_hpc.runs as runs_mod
+    import aimass_hpc.launch.runs as runs_mod
 
     real_text, real_json = runs_mod.atomic_write_text, runs_mod.atomic_write_json
 
@@ -297,7 +297,7 @@ def test_a_written_run_is_never_removed_by_a_later_failure(tmp_path, monkeypatch
 
 
 def test_damaged_state_and_hostile_refs_are_one_line_errors(tmp_path):
-    from aimass_hpc.errors import IntegrityError
+    from aimass_hpc.common.errors import IntegrityError
 
     run = RunDir.create(tmp_path, "j")
     run.state_path.write_text("{not json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aimass_hpc.timelimit import (
+from aimass_hpc.common.timelimit import (
     TimeLimitError,
     format_elapsed,
     format_time,

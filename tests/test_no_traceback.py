@@ -559,10 +559,10 @@ def test_a_runs_root_that_cannot_be_written_is_one_line(
 
 def _search_dir(base: Path) -> Path:
     """A search directory as `aimass search` creates it (spec record, two trials)."""
-    from aimass_hpc.search import journal as J
-    from aimass_hpc.search.driver import create_search
-    from aimass_hpc.search.search_spec import load_search_spec
-    from aimass_hpc.site import load_site
+    from aimass_hpc.config.search_spec import load_search_spec
+    from aimass_hpc.config.site import load_site
+    from aimass_hpc.launch import journal as J
+    from aimass_hpc.launch.search_driver import create_search
 
     spec = load_search_spec(EXAMPLES / "search-quadratic" / "search.toml")
     site = load_site(str(_local_site_file(base)))

@@ -7,8 +7,9 @@ import subprocess
 import pytest
 from _sitefixtures import write_site
 
-from aimass_hpc.errors import InputError
-from aimass_hpc.render import (
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.config.job_spec import JobRequest, request_from_mapping
+from aimass_hpc.launch.render import (
     UnquotedValueError,
     check_script_syntax,
     comment_text,
@@ -17,7 +18,6 @@ from aimass_hpc.render import (
     sbatch_value,
     shell_quote,
 )
-from aimass_hpc.specs import JobRequest, request_from_mapping
 
 NASTY = [
     "plain",
@@ -52,7 +52,7 @@ NASTY = [
     "",
 ]
 
-# Refused in every value (aimass_hpc.names): no argv/env can carry NUL; sbatch refuses CR-LF.
+# Refused in every value (aimass_hpc.common.names): no argv/env can carry NUL; sbatch refuses CR-LF.
 REFUSED = ["carriage\rreturn", "dos line\r\n", "nul\x00byte"]
 
 
@@ -147,8 +147,8 @@ def test_undefined_variables_are_errors(tmp_path):
 
 def test_nasty_values_run_byte_for_byte_without_a_cluster(tmp_path):
     """The rendered script, run by bash with the local site: every value arrives intact."""
-    from aimass_hpc.scheduler import get_scheduler
-    from aimass_hpc.submission import submit
+    from aimass_hpc.launch.scheduler import get_scheduler
+    from aimass_hpc.launch.submit import submit
 
     canary = tmp_path / "canary"
     values = [v.replace("CANARY", str(canary)) for v in NASTY]
@@ -188,7 +188,7 @@ def test_nasty_values_run_byte_for_byte_without_a_cluster(tmp_path):
 
 def test_an_env_name_ending_in_a_newline_is_refused_in_a_job_spec(tmp_path):
     """It used to render `export FOO` and a separate line `=x` that bash ran."""
-    from aimass_hpc.specs import load_job_spec
+    from aimass_hpc.config.job_spec import load_job_spec
 
     spec = tmp_path / "job.toml"
     spec.write_text('[job]\nname = "x"\ncommand = ["true"]\n[job.env]\n"FOO\\n" = "x"\n')

@@ -12,11 +12,11 @@ import time
 import pytest
 from _sitefixtures import write_site
 
-from aimass_hpc.errors import InputError
-from aimass_hpc.render import TEMPLATE_NAMES, render_request
-from aimass_hpc.runs import RunDir
-from aimass_hpc.site import BUNDLED_SITES, load_site
-from aimass_hpc.specs import JobRequest, load_job_spec, slurm_job_name
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.config.job_spec import JobRequest, load_job_spec, slurm_job_name
+from aimass_hpc.config.site import BUNDLED_SITES, load_site
+from aimass_hpc.launch.render import TEMPLATE_NAMES, render_request
+from aimass_hpc.launch.runs import RunDir
 
 SITES = sorted(p.stem for p in BUNDLED_SITES.glob("*.toml"))
 KINDS = [t.removesuffix(".j2") for t in TEMPLATE_NAMES]
@@ -269,7 +269,7 @@ def test_job_spec_file(tmp_path):
 
 
 def test_bundled_example_renders():
-    from aimass_hpc.site import PACKAGE_ROOT
+    from aimass_hpc.config.site import PACKAGE_ROOT
 
     request = load_job_spec(PACKAGE_ROOT / "examples" / "hello" / "hello.toml")
     script = render_request(load_site("dev"), request, "/runs/x")

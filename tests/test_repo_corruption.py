@@ -12,7 +12,7 @@ import h5py
 import pytest
 import torch
 
-from aimass_hpc.errors import IntegrityError
+from aimass_hpc.common.errors import IntegrityError
 from aimass_hpc.repo import ModelRepository
 
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from aimass_hpc.cli import main
-from aimass_hpc.errors import IntegrityError
+from aimass_hpc.common.errors import IntegrityError
 from aimass_hpc.repo import ModelRepository
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from aimass_hpc.errors import ConflictError, InputError
+from aimass_hpc.common.errors import ConflictError, InputError
 from aimass_hpc.repo import ModelRepository
 
 

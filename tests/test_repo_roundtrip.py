@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from aimass_hpc.errors import InputError, NotFoundError
+from aimass_hpc.common.errors import InputError, NotFoundError
 from aimass_hpc.repo import ModelRepository
 from aimass_hpc.repo.codec import TORCH_DTYPES
 

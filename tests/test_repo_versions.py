@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aimass_hpc.errors import ConflictError, InputError, NotFoundError
+from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError
 from aimass_hpc.repo import ModelRepository, Ref, parse_ref
 from aimass_hpc.repo.layout import ModelDir
 

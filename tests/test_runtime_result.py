@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from aimass_hpc.search.driver import read_trial_value
+from aimass_hpc.launch.search_driver import read_trial_value
 
 
 def test_a_plain_program_reports_its_value_without_torch(tmp_path):

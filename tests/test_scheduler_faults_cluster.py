@@ -27,17 +27,17 @@ import pytest
 from _sitefixtures import write_site
 from test_search_driver import executions, write_spec
 
-from aimass_hpc.errors import NotFoundError, SchedulerError
-from aimass_hpc.scheduler import (
+from aimass_hpc.common.errors import NotFoundError, SchedulerError
+from aimass_hpc.config.job_spec import JobRequest
+from aimass_hpc.launch import journal as J
+from aimass_hpc.launch.scheduler import (
     AccountingUnavailable,
     CommandTimeout,
     JobState,
     get_scheduler,
 )
-from aimass_hpc.search import journal as J
-from aimass_hpc.search.driver import SearchDir
-from aimass_hpc.specs import JobRequest
-from aimass_hpc.submission import submit
+from aimass_hpc.launch.search_driver import SearchDir
+from aimass_hpc.launch.submit import submit
 
 pytestmark = pytest.mark.cluster
 

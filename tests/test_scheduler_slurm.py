@@ -8,11 +8,11 @@ import time
 import pytest
 from _sitefixtures import dev_site, write_site  # noqa: F401 - fixture
 
-from aimass_hpc.render import TEMPLATE_NAMES, render_request
-from aimass_hpc.scheduler import CountingRunner, JobState, get_scheduler
-from aimass_hpc.site import BUNDLED_SITES, load_site
-from aimass_hpc.specs import JobRequest
-from aimass_hpc.submission import submit
+from aimass_hpc.config.job_spec import JobRequest
+from aimass_hpc.config.site import BUNDLED_SITES, load_site
+from aimass_hpc.launch.render import TEMPLATE_NAMES, render_request
+from aimass_hpc.launch.scheduler import CountingRunner, JobState, get_scheduler
+from aimass_hpc.launch.submit import submit
 
 pytestmark = pytest.mark.cluster
 WAIT = 180  # seconds; jobs take a few, but other tests may share the cluster
@@ -194,8 +194,9 @@ def test_requeue_starts_a_new_log(cluster, dev_site):  # noqa: F811
 
 def test_submitting_from_inside_a_job_strips_the_parent_allocation(cluster, dev_site):  # noqa: F811
     inner = (
-        "import os; from aimass_hpc.site import load_site; from aimass_hpc.specs import JobRequest;"
-        " from aimass_hpc.submission import submit;"
+        "import os; from aimass_hpc.config.site import load_site;"
+        " from aimass_hpc.config.job_spec import JobRequest;"
+        " from aimass_hpc.launch.submit import submit;"
         " s = submit(load_site(None), JobRequest(name='child', time='5', command=['bash', '-c',"
         " 'echo child cpus=${SLURM_CPUS_PER_TASK:-unset} ntasks=$SLURM_NTASKS']));"
         " print('child-job', s.job_id)"
@@ -215,7 +216,7 @@ def test_submitting_from_inside_a_job_strips_the_parent_allocation(cluster, dev_
     log = parent.run_dir.log_file().read_text()
     child_id = log.split("child-job ")[1].split()[0]
     assert sched.wait([child_id], timeout=WAIT)[child_id].state is JobState.COMPLETED
-    from aimass_hpc.runs import find_run
+    from aimass_hpc.launch.runs import find_run
 
     child_log = find_run(child_id, dev_site.runs_root).log_file().read_text()
     assert "child cpus=unset ntasks=1" in child_log
@@ -310,7 +311,7 @@ def test_adversarial_values_reach_a_multi_node_job_byte_for_byte(cluster, tmp_pa
 
 def test_a_job_whose_id_was_never_recorded_is_found_by_its_run_dir(cluster, dev_site):  # noqa: F811
     """The submitter dies while sbatch runs: the job is queued, its id is recorded nowhere."""
-    from aimass_hpc.scheduler.slurm import SlurmScheduler
+    from aimass_hpc.launch.scheduler.slurm import SlurmScheduler
 
     class DiesAfterSbatch(SlurmScheduler):
         def submit(self, *args, **kwargs):
@@ -331,7 +332,7 @@ def test_a_job_whose_id_was_never_recorded_is_found_by_its_run_dir(cluster, dev_
 
 def test_a_finished_job_is_found_by_its_run_dir_in_accounting(cluster, dev_site):  # noqa: F811
     """squeue forgets ended jobs after MinJobAge; sacct still knows where they ran."""
-    from aimass_hpc.scheduler.slurm import SlurmScheduler
+    from aimass_hpc.launch.scheduler.slurm import SlurmScheduler
 
     sub = submit(dev_site, _req(name="gone", command=["true"]))
     sched = SlurmScheduler()
@@ -347,8 +348,8 @@ def test_a_finished_job_is_found_by_its_run_dir_in_accounting(cluster, dev_site)
 
 
 def test_sbatch_timeout_comes_from_the_environment(monkeypatch):
-    from aimass_hpc.errors import InputError
-    from aimass_hpc.scheduler.slurm import sbatch_timeout
+    from aimass_hpc.common.errors import InputError
+    from aimass_hpc.launch.scheduler.slurm import sbatch_timeout
 
     monkeypatch.delenv("AIMASS_SBATCH_TIMEOUT", raising=False)
     assert sbatch_timeout() == 60.0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aimass_hpc.scheduler.slurm import _output_override, _sacct_exit, _wait_status_to_exit
-from aimass_hpc.scheduler.states import JobState, aggregate_state, normalize_state
+from aimass_hpc.common.slurm_states import JobState, aggregate_state, normalize_state
+from aimass_hpc.launch.scheduler.slurm import _output_override, _sacct_exit, _wait_status_to_exit
 
 
 @pytest.mark.parametrize(

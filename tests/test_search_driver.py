@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from aimass_hpc.errors import ConflictError
-from aimass_hpc.search import journal as J
-from aimass_hpc.search.driver import (
+from aimass_hpc.common.errors import ConflictError
+from aimass_hpc.config.search_spec import load_search_spec
+from aimass_hpc.config.site import load_site
+from aimass_hpc.launch import journal as J
+from aimass_hpc.launch.search_driver import (
     PARAMS_FILE,
     SearchDir,
     SearchDriver,
@@ -24,8 +26,6 @@ from aimass_hpc.search.driver import (
     read_trial_value,
     trial_payload,
 )
-from aimass_hpc.search.search_spec import load_search_spec
-from aimass_hpc.site import load_site
 
 OBJECTIVE = """\
 import json, os, sys, time
@@ -210,7 +210,7 @@ def test_resume_submits_a_trial_journaled_but_never_submitted(setup) -> None:
     tmp, site = setup
     sdir = new_search(tmp, site, budget=3, parallel=2)
     # A driver killed right after journaling its first proposal.
-    from aimass_hpc.search.driver import make_sampler
+    from aimass_hpc.launch.search_driver import make_sampler
 
     spec = sdir.spec()
     (first,) = make_sampler(spec, spec.search.seed).ask(1)
@@ -226,8 +226,8 @@ def test_resume_submits_a_trial_journaled_but_never_submitted(setup) -> None:
 def test_resume_adopts_a_job_queued_just_before_the_kill(setup) -> None:
     tmp, site = setup
     sdir = new_search(tmp, site, budget=2, parallel=2)
-    from aimass_hpc.search.driver import build_trial, make_sampler
-    from aimass_hpc.submission import submit
+    from aimass_hpc.launch.search_driver import build_trial, make_sampler
+    from aimass_hpc.launch.submit import submit
 
     spec = sdir.spec()
     (first,) = make_sampler(spec, spec.search.seed).ask(1)
@@ -253,7 +253,7 @@ def test_resume_adopts_a_job_queued_just_before_the_kill(setup) -> None:
 def test_a_lost_job_is_resubmitted_under_the_same_trial_id(setup) -> None:
     tmp, site = setup
     sdir = new_search(tmp, site, budget=2, parallel=2)
-    from aimass_hpc.search.driver import make_sampler
+    from aimass_hpc.launch.search_driver import make_sampler
 
     spec = sdir.spec()
     (first,) = make_sampler(spec, spec.search.seed).ask(1)
@@ -305,7 +305,7 @@ def test_an_orphan_run_dir_is_adopted_by_the_job_id_in_its_log(setup) -> None:
     """A submission whose id reached neither the journal nor state.json, but whose job ran."""
     tmp, site = setup
     sdir = new_search(tmp, site, budget=1, parallel=1)
-    from aimass_hpc.search.driver import run_evidence
+    from aimass_hpc.launch.search_driver import run_evidence
 
     sdir.journal().append(J.TRIAL_PROPOSED, trial=0, params={"x": 0.5, "kind": "a"})
     orphan = sdir.trials_root / "20260101-000000-quad-t0000-abcdef"
@@ -346,7 +346,7 @@ def test_resumed_search_proposes_what_an_uninterrupted_one_would(setup) -> None:
     other = tmp / "second"
     other.mkdir()
     spec = whole.spec()
-    from aimass_hpc.search.search_spec import spec_from_record
+    from aimass_hpc.config.search_spec import spec_from_record
 
     sdir = create_search(spec_from_record(spec.to_record()), site, directory=other / "search")
     jr = sdir.journal()
@@ -499,8 +499,8 @@ def test_cli_resume_of_a_missing_directory_is_not_found(tmp_path: Path) -> None:
 def test_cli_cancel_without_a_live_driver_cancels_the_trials(setup) -> None:
     tmp, site = setup
     sdir = new_search(tmp, site, budget=3, parallel=2, env={"OBJ_SLEEP": "60"})
-    from aimass_hpc.search.driver import build_trial, make_sampler
-    from aimass_hpc.submission import submit
+    from aimass_hpc.launch.search_driver import build_trial, make_sampler
+    from aimass_hpc.launch.submit import submit
 
     spec = sdir.spec()
     (first,) = make_sampler(spec, spec.search.seed).ask(1)
@@ -521,7 +521,7 @@ def test_cli_cancel_without_a_live_driver_cancels_the_trials(setup) -> None:
     state = sdir.state()
     assert state.finished and state.cancel_requested
     assert [t.state for t in state.trials.values()] == [J.CANCELLED]
-    from aimass_hpc.scheduler import get_scheduler
+    from aimass_hpc.launch.scheduler import get_scheduler
 
     assert get_scheduler(site).status([sub.job_id])[sub.job_id].state.value == "CANCELLED"
 

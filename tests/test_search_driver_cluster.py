@@ -19,11 +19,11 @@ import pytest
 from _sitefixtures import write_site
 from test_search_driver import executions, write_spec
 
-from aimass_hpc.runs import RunDir
-from aimass_hpc.scheduler import CountingRunner, get_scheduler
-from aimass_hpc.search import journal as J
-from aimass_hpc.search.driver import SearchDir, SearchDriver, create_search
-from aimass_hpc.search.search_spec import load_search_spec
+from aimass_hpc.config.search_spec import load_search_spec
+from aimass_hpc.launch import journal as J
+from aimass_hpc.launch.runs import RunDir
+from aimass_hpc.launch.scheduler import CountingRunner, get_scheduler
+from aimass_hpc.launch.search_driver import SearchDir, SearchDriver, create_search
 
 pytestmark = pytest.mark.cluster
 

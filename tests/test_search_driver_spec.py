@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from aimass_hpc.errors import InputError
-from aimass_hpc.search.pruning import SuccessiveHalving, read_history
-from aimass_hpc.search.search_spec import (
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.config.search_spec import (
     format_command,
     load_search_spec,
     spec_from_record,
     train_overrides,
     train_param_key,
 )
+from aimass_hpc.hpo.pruning import SuccessiveHalving, read_history
 
 COMMAND_LINE = (
     'command = ["{python}", "obj.py", "--x={x:.3f}", "--opt={opt}", "--m={momentum}", "{trial_id}"]'

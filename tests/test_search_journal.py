@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from aimass_hpc.errors import ConflictError, IntegrityError
-from aimass_hpc.search import journal as J
-from aimass_hpc.search.journal import FileLock, Journal, read_lock_holder, replay
+from aimass_hpc.common.errors import ConflictError, IntegrityError
+from aimass_hpc.launch import journal as J
+from aimass_hpc.launch.journal import FileLock, Journal, read_lock_holder, replay
 
 # --------------------------------------------------------------------------------------------
 # helpers run in child processes (module level so they pickle under any start method)
@@ -175,7 +175,7 @@ def test_killed_journal_writer_does_not_block_the_next_one(tmp_path: Path) -> No
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from aimass_hpc.search.journal import Journal\n"
+            "from aimass_hpc.launch.journal import Journal\n"
             "jr = Journal(sys.argv[1])\n"
             "jr.lock.acquire()\n"
             "print('locked', flush=True)\n"

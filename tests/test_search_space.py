@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from aimass_hpc.errors import InputError
-from aimass_hpc.search import Categorical, Float, Int, Space
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.hpo import Categorical, Float, Int, Space
 
 
 def mixed() -> Space:

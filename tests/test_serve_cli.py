@@ -18,10 +18,10 @@ import torch
 from _sitefixtures import write_site
 
 from aimass_hpc.cli.reserve import explain_failure, parse_reservations
-from aimass_hpc.errors import ConflictError, NotFoundError, SchedulerError
+from aimass_hpc.common.errors import ConflictError, NotFoundError, SchedulerError
+from aimass_hpc.launch.serving import service_options
 from aimass_hpc.repo import ModelRepository
 from aimass_hpc.serve import toymodels
-from aimass_hpc.serving import service_options
 
 
 def aimass(*args: str) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from aimass_hpc.errors import NotFoundError
+from aimass_hpc.common.errors import NotFoundError
 from aimass_hpc.serve import AsyncClient, Client, toymodels
 from aimass_hpc.serve.client import RequestRejected, ServiceUnavailable
 from aimass_hpc.serve.endpoints import EndpointState

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from aimass_hpc.errors import InputError
+from aimass_hpc.common.errors import InputError
 from aimass_hpc.serve import Client, toymodels
 from aimass_hpc.serve.__main__ import parse_args, resolve_options
 from aimass_hpc.serve.endpoints import EndpointState

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aimass_hpc.errors import InputError, NotFoundError
+from aimass_hpc.common.errors import InputError, NotFoundError
 from aimass_hpc.serve.auth import (
     bearer_token,
     ensure_token,

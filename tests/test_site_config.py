@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from _sitefixtures import dumps_toml, site_data, write_site
 
-from aimass_hpc.errors import InputError, NotFoundError
-from aimass_hpc.site import (
+from aimass_hpc.common.errors import InputError, NotFoundError
+from aimass_hpc.config.site import (
     BUNDLED_SITES,
     list_sites,
     load_site,

@@ -20,10 +20,10 @@ import pytest
 import torch
 from _sitefixtures import site_data, write_site
 
+from aimass_hpc.config.site import Site
+from aimass_hpc.launch.scheduler import get_scheduler
 from aimass_hpc.repo import ModelRepository
 from aimass_hpc.runtime.metrics import read_metrics
-from aimass_hpc.scheduler import get_scheduler
-from aimass_hpc.site import Site
 
 pytestmark = pytest.mark.cluster
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from _sitefixtures import write_site
 
-from aimass_hpc.errors import InputError
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.config.train_spec import check_task_ref, load_train_spec, plan_training
 from aimass_hpc.runtime.config import RunConfig
-from aimass_hpc.train_spec import check_task_ref, load_train_spec, plan_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_SPEC = ROOT / "examples" / "digits" / "spec.toml"
@@ -64,7 +64,7 @@ def test_checking_a_spec_imports_neither_torch_nor_user_code(tmp_path: Path) -> 
     spec = write_spec(tmp_path, BASE.replace("digits_mlp:build", "loud:build"))
     code = (
         "import sys\n"
-        "from aimass_hpc.train_spec import load_train_spec\n"
+        "from aimass_hpc.config.train_spec import load_train_spec\n"
         f"s = load_train_spec({str(spec)!r}, {{'pythonpath': [{str(tmp_path)!r}]}})\n"
         "s.check_workload()\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"

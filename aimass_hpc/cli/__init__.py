@@ -7,7 +7,7 @@ What reaches the user is one line, never a traceback: an ``AimassError`` prints 
 ``aimass: error: MESSAGE`` and exits with its code. An ``OSError`` that no module turned into
 an ``AimassError`` (a path the OS refused, a full disk) is the last resort: one line naming the
 file and the OS reason, exit 2 for an unusable path or 5 for a system failure (see
-:func:`aimass_hpc.fsutil.os_error`). Set ``AIMASS_DEBUG=1`` to see its traceback instead (the
+:func:`aimass_hpc.common.fsutil.os_error`). Set ``AIMASS_DEBUG=1`` to see its traceback instead (the
 tests do, so that a module that lets an OSError through is found and fixed).
 """
 
@@ -22,7 +22,7 @@ import sys
 import click
 
 from aimass_hpc import __version__
-from aimass_hpc.errors import AimassError
+from aimass_hpc.common.errors import AimassError
 
 # command name -> (module, attribute). Keep sorted by noun; each module owns its commands.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         if os.environ.get(DEBUG_ENV):
             raise
-        from aimass_hpc.fsutil import os_error, shown_path
+        from aimass_hpc.common.fsutil import os_error, shown_path
 
         where = shown_path(exc.filename) if exc.filename is not None else "system error"
         error = os_error(exc, where)

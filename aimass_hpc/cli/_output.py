@@ -14,7 +14,7 @@ def echo_script(script: str) -> None:
 
     No markup interpretation, no ANSI stripping (``click.echo`` drops escape sequences when
     stdout is not a terminal), no newline added or removed, no wrapping: UTF-8, as
-    :func:`aimass_hpc.fsutil.atomic_write_text` encodes it.
+    :func:`aimass_hpc.common.fsutil.atomic_write_text` encodes it.
     """
     data = script.encode("utf-8")
     stream = sys.stdout

@@ -14,12 +14,12 @@ from rich.table import Table
 from rich.text import Text
 
 from aimass_hpc.cli._output import echo_dry_run, echo_script, echo_submit_note
-from aimass_hpc.errors import InputError, NotFoundError
-from aimass_hpc.runs import RunDir, find_run, list_runs
+from aimass_hpc.common.errors import InputError, NotFoundError
+from aimass_hpc.common.timelimit import format_elapsed
+from aimass_hpc.config.site import Site, load_site
+from aimass_hpc.launch.runs import RunDir, find_run, list_runs
+from aimass_hpc.launch.scheduler import JobState, JobStatus, check_answered, get_scheduler
 from aimass_hpc.runtime.metrics import summarize
-from aimass_hpc.scheduler import JobState, JobStatus, check_answered, get_scheduler
-from aimass_hpc.site import Site, load_site
-from aimass_hpc.timelimit import format_elapsed
 
 site_option = click.option(
     "--site",
@@ -44,8 +44,8 @@ def _is_spec(path: str) -> bool:
 
 
 def _load_request(path: str, site_obj: Site, sbatch_args: tuple[str, ...], name: str | None):
-    from aimass_hpc.fsutil import check_input_file
-    from aimass_hpc.specs import load_job_spec
+    from aimass_hpc.common.fsutil import check_input_file
+    from aimass_hpc.config.job_spec import load_job_spec
 
     check_input_file(path, "spec file")  # a FIFO named x.toml would block the TOML reader
     overrides: dict[str, object] = {}
@@ -63,7 +63,7 @@ def _load_request(path: str, site_obj: Site, sbatch_args: tuple[str, ...], name:
 
 
 def _checked_extras(args: tuple[str, ...]) -> list[str]:
-    from aimass_hpc.specs import check_sbatch_extra
+    from aimass_hpc.config.job_spec import check_sbatch_extra
 
     return [check_sbatch_extra(a) for a in args]
 
@@ -84,13 +84,13 @@ def render(path: str, site_ref: str | None, sbatch_args: tuple[str, ...]) -> Non
     The output is byte for byte what a submission writes to ``job.sh``, except for the run
     directory's path (a placeholder here).
     """
-    from aimass_hpc.fsutil import read_user_text
+    from aimass_hpc.common.fsutil import read_user_text
 
     site_obj = load_site(site_ref)
     if not _is_spec(path):
         echo_script(read_user_text(path, "batch script"))
         return
-    from aimass_hpc.render import render_request
+    from aimass_hpc.launch.render import render_request
 
     request = _load_request(path, site_obj, sbatch_args, None)
     echo_script(render_request(site_obj, request))
@@ -124,8 +124,8 @@ def submit(
     Either way the job gets a run directory (spec, script, logs, state) under the site's
     runs root.
     """
-    from aimass_hpc.submission import submit as submit_request
-    from aimass_hpc.submission import submit_script
+    from aimass_hpc.launch.submit import submit as submit_request
+    from aimass_hpc.launch.submit import submit_script
 
     site_obj = load_site(site_ref)
     if _is_spec(path):
@@ -181,7 +181,7 @@ def _job_of_unknown_submission(site_obj: Site, run: RunDir) -> str:
     ``NotFoundError`` for a run that was never queued; ``SchedulerError`` while the scheduler
     cannot be asked.
     """
-    from aimass_hpc.submission import adopt_queued_job
+    from aimass_hpc.launch.submit import adopt_queued_job
 
     status = run.read_state().get("status")
     if status != "submit_unknown":

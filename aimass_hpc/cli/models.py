@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from aimass_hpc.errors import InputError, IntegrityError
+from aimass_hpc.common.errors import InputError, IntegrityError
 
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
 _IUNITS = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
@@ -33,7 +33,7 @@ class _Ctx:
         if os.environ.get("AIMASS_REPO"):
             return os.environ["AIMASS_REPO"]
         try:
-            from aimass_hpc.site import load_site
+            from aimass_hpc.config.site import load_site
         except ImportError:
             raise InputError(
                 "no model repository given: pass --repo PATH or set AIMASS_REPO"

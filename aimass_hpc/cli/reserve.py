@@ -17,8 +17,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from aimass_hpc.errors import ConflictError, InputError, NotFoundError, SchedulerError
-from aimass_hpc.names import RESERVATION_NAME, check_scontrol_value
+from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError, SchedulerError
+from aimass_hpc.common.names import RESERVATION_NAME, check_scontrol_value
 
 _DENIED = ("access/permission denied", "invalid user id", "user is not authorized",
            "permission denied", "only slurmuser or root")  # fmt: skip
@@ -41,7 +41,7 @@ def explain_failure(action: str, name: str, message: str) -> Exception:
 
 
 def _scontrol(args: list[str]) -> subprocess.CompletedProcess[str]:
-    from aimass_hpc.scheduler import submission_env
+    from aimass_hpc.launch.scheduler import submission_env
 
     try:
         return subprocess.run(

@@ -1,6 +1,6 @@
 """``aimass search``: hyperparameter search with every trial a batch job.
 
-Thin: parsing, printing and the choice of mode; the work is in ``aimass_hpc.search.driver``.
+Thin: parsing, printing and the choice of mode; the work is in ``aimass_hpc.launch.search_driver``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from aimass_hpc.cli._output import echo_script
-from aimass_hpc.errors import ConflictError, InputError, NotFoundError
-from aimass_hpc.fsutil import os_error, shown_path
-from aimass_hpc.search import journal as J
+from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError
+from aimass_hpc.common.fsutil import os_error, shown_path
+from aimass_hpc.launch import journal as J
 
 _SEARCH_HELP = """Hyperparameter search: each trial is a batch job.
 
@@ -71,7 +71,7 @@ def _echo_events(to_stderr: bool) -> Any:
 
 def _open(directory: str) -> Any:
     """The search directory DIR; a path the OS cannot even look up is a one-line error."""
-    from aimass_hpc.search.driver import SearchDir
+    from aimass_hpc.launch.search_driver import SearchDir
 
     try:
         return SearchDir.open(directory)
@@ -107,7 +107,7 @@ def _resolve_dir(directory: str) -> Path:
 
 
 def _site(ref: str | None, sdir: Any = None) -> Any:
-    from aimass_hpc.site import load_site
+    from aimass_hpc.config.site import load_site
 
     if ref is None and sdir is not None:
         ref = sdir.site_ref()
@@ -135,9 +135,9 @@ def run_cmd(
     as_json: bool,
 ) -> None:
     """Run the search described by SPEC.toml (see `aimass search --help` for the modes)."""
-    from aimass_hpc.search import driver as D
-    from aimass_hpc.search.search_spec import load_search_spec
-    from aimass_hpc.submission import submit
+    from aimass_hpc.config.search_spec import load_search_spec
+    from aimass_hpc.launch import search_driver as D
+    from aimass_hpc.launch.submit import submit
 
     spec = load_search_spec(spec_path)
     site = _site(site_ref)
@@ -209,7 +209,7 @@ def run_cmd(
 
 
 def _drive(sdir: Any, site: Any, as_json: bool, first_line: str | None = None) -> None:
-    from aimass_hpc.search.driver import SearchDriver
+    from aimass_hpc.launch.search_driver import SearchDriver
 
     echo = _echo_events(to_stderr=as_json)
     if first_line:
@@ -268,7 +268,7 @@ def status_cmd(directory: str, as_json: bool) -> None:
               help="Seconds to wait for a live driver to stop its trials.")  # fmt: skip
 def cancel_cmd(directory: str, site_ref: str | None, wait_s: float) -> None:
     """Stop the search: cancel its queued and running trials (and its detached driver)."""
-    from aimass_hpc.search.driver import SearchDriver
+    from aimass_hpc.launch.search_driver import SearchDriver
 
     sdir = _open(directory)
     state = _read_state(sdir)
@@ -294,7 +294,7 @@ def cancel_cmd(directory: str, site_ref: str | None, wait_s: float) -> None:
 
 
 def _cancel_driver_jobs(sdir: Any, site: Any) -> None:
-    from aimass_hpc.scheduler import get_scheduler
+    from aimass_hpc.launch.scheduler import get_scheduler
 
     ids = [str(d["job_id"]) for d in sdir.state().driver_jobs if d.get("job_id")]
     if not ids:
@@ -313,7 +313,7 @@ def _cancel_driver_jobs(sdir: Any, site: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the file paths as JSON.")
 def plot_cmd(directory: str, out: str | None, as_json: bool) -> None:
     """Draw best_so_far.png and parallel_coordinates.png for a search."""
-    from aimass_hpc.search.plots import plot_search
+    from aimass_hpc.launch.search_plots import plot_search
 
     sdir = _open(directory)
     state = _read_state(sdir)
@@ -358,7 +358,7 @@ def _summary(sdir: Any, state: J.SearchState, spec: Any) -> dict[str, Any]:
 
 def _driver_alive(sdir: Any) -> bool:
     """Whether a driver holds the search: a live pid here, or a fresh heartbeat elsewhere."""
-    from aimass_hpc.search.driver import DRIVER_STALE_S
+    from aimass_hpc.launch.search_driver import DRIVER_STALE_S
 
     return J.live_lock_holder(sdir.lock_path, DRIVER_STALE_S) is not None
 

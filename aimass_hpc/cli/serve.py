@@ -1,6 +1,6 @@
 """``aimass serve`` (start / upgrade / stop a service), ``aimass endpoints``, ``aimass bench``.
 
-The work is done by :mod:`aimass_hpc.serving` (login-node orchestration) and
+The work is done by :mod:`aimass_hpc.launch.serving` (login-node orchestration) and
 :mod:`aimass_hpc.serve` (the replicas, the client, the load generator).
 """
 
@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from aimass_hpc.cli._output import echo_dry_run, echo_submit_note
-from aimass_hpc.errors import InputError
+from aimass_hpc.common.errors import InputError
 
 site_option = click.option(
     "--site", "site_ref", metavar="NAME|PATH", default=None, help="Site config ($AIMASS_SITE)."
@@ -103,8 +103,8 @@ def start(
     as_json: bool,
 ) -> None:
     """Start REF as a service: one job-array task per replica, each serving HTTP."""
-    from aimass_hpc.serving import ServeOptions, start_service
-    from aimass_hpc.site import load_site
+    from aimass_hpc.config.site import load_site
+    from aimass_hpc.launch.serving import ServeOptions, start_service
 
     site = load_site(site_ref)
     opts = ServeOptions(
@@ -134,7 +134,7 @@ def start(
 
 
 def _wait_with_progress(site: Any, run_dir: Any, replicas: int, timeout: float, console: Console):
-    from aimass_hpc.serving import wait_ready
+    from aimass_hpc.launch.serving import wait_ready
 
     with Progress(
         TextColumn("[bold]waiting for READY"), BarColumn(), _COUNT,
@@ -166,8 +166,8 @@ def upgrade_cmd(ref: str, site_ref: str | None, timeout: float, force: bool, as_
     drained, so clients see no failed request. After `aimass models rollback` the same
     command goes back to the previous version.
     """
-    from aimass_hpc.serving import upgrade
-    from aimass_hpc.site import load_site
+    from aimass_hpc.config.site import load_site
+    from aimass_hpc.launch.serving import upgrade
 
     site = load_site(site_ref)
     console = Console(stderr=as_json)
@@ -202,10 +202,10 @@ def stop(target: str, site_ref: str | None, wait_: bool, as_json: bool) -> None:
     """Drain and stop every replica of a service (its jobs are cancelled; they drain first)."""
     from pathlib import Path
 
-    from aimass_hpc.errors import NotFoundError
+    from aimass_hpc.common.errors import NotFoundError
+    from aimass_hpc.config.site import load_site
+    from aimass_hpc.launch.serving import list_endpoints, reconcile, stop_records, wait_stopped
     from aimass_hpc.serve.endpoints import read_records
-    from aimass_hpc.serving import list_endpoints, reconcile, stop_records, wait_stopped
-    from aimass_hpc.site import load_site
 
     site = load_site(site_ref)
     path = Path(target).expanduser()
@@ -238,8 +238,8 @@ def endpoints(
     target: str | None, site_ref: str | None, show_all: bool, no_probe: bool, as_json: bool
 ) -> None:
     """List service replicas (from their endpoint records) with their health."""
-    from aimass_hpc.serving import list_endpoints, probe
-    from aimass_hpc.site import load_site
+    from aimass_hpc.config.site import load_site
+    from aimass_hpc.launch.serving import list_endpoints, probe
 
     site = load_site(site_ref)
     records = list_endpoints(site, target, include_final=show_all)
@@ -312,7 +312,7 @@ def bench(
 
     runs_root = None
     if not target.startswith(("http://", "https://")):
-        from aimass_hpc.site import load_site
+        from aimass_hpc.config.site import load_site
 
         runs_root = load_site(site_ref).runs_root
     with Client(target, runs_root=runs_root, token=token, retry_timeout=10) as client:

@@ -12,8 +12,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from aimass_hpc.errors import AimassError, InputError
-from aimass_hpc.site import (
+from aimass_hpc.common.errors import AimassError, InputError
+from aimass_hpc.config.site import (
     Problem,
     Site,
     list_sites,
@@ -30,8 +30,8 @@ def site() -> None:
 
 def template_problems(site_obj: Site) -> list[Problem]:
     """Render every job template with a typical request and syntax-check it with ``bash -n``."""
-    from aimass_hpc.render import TEMPLATE_NAMES, render_request
-    from aimass_hpc.specs import JobRequest
+    from aimass_hpc.config.job_spec import JobRequest
+    from aimass_hpc.launch.render import TEMPLATE_NAMES, render_request
 
     part = site_obj.default_partition
     problems: list[Problem] = []

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from aimass_hpc.cli._output import echo_dry_run, echo_submit_note
-from aimass_hpc.errors import InputError
-from aimass_hpc.fsutil import os_error, shown_path
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.common.fsutil import os_error, shown_path
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -48,9 +48,9 @@ def train(
     Checks everything that can be checked on the login node first (task reference, backend,
     GPUs per node, Horovod installed); nothing is queued when a check fails.
     """
-    from aimass_hpc.site import load_site
-    from aimass_hpc.submission import submit
-    from aimass_hpc.train_spec import load_train_spec, plan_training
+    from aimass_hpc.config.site import load_site
+    from aimass_hpc.config.train_spec import load_train_spec, plan_training
+    from aimass_hpc.launch.submit import submit
 
     overrides: dict[str, Any] = {
         "job.nodes": nodes,
@@ -108,8 +108,8 @@ def train(
 
 def _wait(site: Any, job_id: str | None, run_dir: Path, console: Console) -> dict[str, Any]:
     """Wait for the job (through requeues), then report its result.json."""
-    from aimass_hpc.fsutil import read_json
-    from aimass_hpc.scheduler import get_scheduler
+    from aimass_hpc.common.fsutil import read_json
+    from aimass_hpc.launch.scheduler import get_scheduler
 
     assert job_id is not None
     with console.status(f"waiting for job {job_id}"):
@@ -159,7 +159,7 @@ def _find_run_dir(run: str, site_ref: str | None) -> Path:
             return path
     except (OSError, ValueError):
         pass  # not a path this OS can look up (too long a name): try it as a job id
-    from aimass_hpc.runs import find_run
-    from aimass_hpc.site import load_site
+    from aimass_hpc.config.site import load_site
+    from aimass_hpc.launch.runs import find_run
 
     return find_run(run, load_site(site_ref).runs_root).path

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from aimass_hpc.errors import InputError
+from aimass_hpc.common.errors import InputError
 
 SECTIONS = ("model", "optimizer", "extra")
 

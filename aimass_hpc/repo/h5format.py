@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from aimass_hpc.errors import InputError, IntegrityError, NotFoundError
+from aimass_hpc.common.errors import InputError, IntegrityError, NotFoundError
 from aimass_hpc.repo.codec import (
     NATURAL_DTYPES,
     Stored,

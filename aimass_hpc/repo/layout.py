@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import InputError, IntegrityError, NotFoundError
-from aimass_hpc.fsutil import atomic_write_json, fsync_dir, read_json
+from aimass_hpc.common.errors import InputError, IntegrityError, NotFoundError
+from aimass_hpc.common.fsutil import atomic_write_json, fsync_dir, read_json
 from aimass_hpc.repo.refs import check_name
 
 MARKER = "aimass-repo.json"

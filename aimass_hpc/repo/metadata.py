@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from aimass_hpc import __version__
-from aimass_hpc.errors import InputError
+from aimass_hpc.common.errors import InputError
 
 _SLURM_VARS = {
     "job_id": "SLURM_JOB_ID",

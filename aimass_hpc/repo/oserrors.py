@@ -6,7 +6,7 @@ import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from aimass_hpc.errors import AimassError, InputError
+from aimass_hpc.common.errors import AimassError, InputError
 
 
 class StorageError(AimassError):

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import ConflictError, InputError, NotFoundError
-from aimass_hpc.fsutil import publish_file
+from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError
+from aimass_hpc.common.fsutil import publish_file
 from aimass_hpc.repo import h5format
 from aimass_hpc.repo.codec import encode_sections
 from aimass_hpc.repo.records import Checkpoint

@@ -3,7 +3,7 @@
 Names, aliases and shard keys become file names on a shared filesystem, so they are restricted
 to a portable character set: letters, digits, ``.``, ``_`` and ``-``, not starting with a dot
 or a dash (no hidden files, no option look-alikes), at most 128 characters. The rule itself
-lives in :mod:`aimass_hpc.names` (``MODEL_NAME``), shared with the train, search and serve
+lives in :mod:`aimass_hpc.common.names` (``MODEL_NAME``), shared with the train, search and serve
 specs, so a name a spec accepts is one the repository accepts.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aimass_hpc.errors import InputError
-from aimass_hpc.names import ALIAS_NAME, MODEL_NAME, SHARD_KEY, Rule
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.common.names import ALIAS_NAME, MODEL_NAME, SHARD_KEY, Rule
 
 LATEST = "latest"
 _RULES: dict[str, Rule] = {"model name": MODEL_NAME, "alias": ALIAS_NAME, "shard key": SHARD_KEY}

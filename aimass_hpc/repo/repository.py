@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import ConflictError, InputError, IntegrityError, NotFoundError
-from aimass_hpc.fsutil import atomic_write_json, fsync_dir, publish_file, read_json
+from aimass_hpc.common.errors import ConflictError, InputError, IntegrityError, NotFoundError
+from aimass_hpc.common.fsutil import atomic_write_json, fsync_dir, publish_file, read_json
 from aimass_hpc.repo import h5format, metadata
 from aimass_hpc.repo.codec import TensorPool, encode_sections
 from aimass_hpc.repo.layout import ModelDir, ensure_repo, hidden_version, writer_alive

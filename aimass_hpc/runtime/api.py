@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aimass_hpc import fsutil
+from aimass_hpc.common import fsutil
 from aimass_hpc.runtime import preempt, rng
 from aimass_hpc.runtime.checkpoint import (
     CheckpointStore,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc import fsutil
+from aimass_hpc.common import fsutil
 
 INDEX_FILE = "checkpoints.jsonl"
 

@@ -1,6 +1,6 @@
 """What the job is told to do: a plain JSON file in the run directory.
 
-The login node validates the user's TOML spec (``aimass_hpc.train_spec``) and writes the
+The login node validates the user's TOML spec (``aimass_hpc.config.train_spec``) and writes the
 resolved result here as ``<run_dir>/train.json``; the job reads it with :func:`load_config`.
 Plain dataclasses, so the in-job runtime does not depend on login-node code.
 """

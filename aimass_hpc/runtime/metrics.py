@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc import fsutil
+from aimass_hpc.common import fsutil
 
 METRICS_FILE = "metrics.jsonl"
 

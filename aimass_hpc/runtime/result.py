@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc import fsutil
+from aimass_hpc.common import fsutil
 
 RESULT_FILE = "result.json"
 

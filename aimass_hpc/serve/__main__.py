@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import AimassError
+from aimass_hpc.common.errors import AimassError
 
 DEFAULTS: dict[str, Any] = {
     "host": "auto",
@@ -155,7 +155,7 @@ def resolve_options(args: argparse.Namespace, env: dict[str, str] | None = None)
 
 def make_loader(opts: dict[str, Any]) -> tuple[str, Callable[[], Any]]:
     """(model ref, a function that loads the model) from the resolved options."""
-    from aimass_hpc.errors import InputError
+    from aimass_hpc.common.errors import InputError
     from aimass_hpc.serve import model_loader
 
     device = opts["device"]

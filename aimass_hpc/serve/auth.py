@@ -15,8 +15,8 @@ import secrets
 import tempfile
 from pathlib import Path
 
-from aimass_hpc.errors import InputError, NotFoundError
-from aimass_hpc.fsutil import fsync_dir
+from aimass_hpc.common.errors import InputError, NotFoundError
+from aimass_hpc.common.fsutil import fsync_dir
 
 TOKEN_FILENAME = "serve.token"
 TOKEN_ENV = "AIMASS_SERVE_TOKEN"

@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from aimass_hpc.errors import InputError, NotFoundError, SchedulerError
+from aimass_hpc.common.errors import InputError, NotFoundError, SchedulerError
 from aimass_hpc.serve.auth import TOKEN_ENV, read_token
 from aimass_hpc.serve.codec import JSON_MEDIA_TYPE, NPY_MEDIA_TYPE, decode_npy, encode_npy
 from aimass_hpc.serve.endpoints import FINAL_STATES, EndpointRecord, EndpointState, find_records

@@ -1,7 +1,7 @@
 """Endpoint records: how clients find a running service.
 
 Each replica owns one JSON file ``<run_dir>/endpoints/<job_id>.<replica>.json`` that it
-rewrites atomically (:mod:`aimass_hpc.fsutil`) at every state change::
+rewrites atomically (:mod:`aimass_hpc.common.fsutil`) at every state change::
 
     PENDING -> LOADING -> READY -> DRAINING -> STOPPED
                       \\-> FAILED
@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.fsutil import atomic_write_json, read_json
+from aimass_hpc.common.fsutil import atomic_write_json, read_json
 
 ENDPOINTS_DIRNAME = "endpoints"
 # How deep under a runs root run directories may sit (runs/<id>/ or runs/<kind>/<id>/...).

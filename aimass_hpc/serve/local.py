@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import SchedulerError
+from aimass_hpc.common.errors import SchedulerError
 from aimass_hpc.serve.auth import read_token, token_path
 from aimass_hpc.serve.endpoints import EndpointRecord, EndpointState, read_records
 

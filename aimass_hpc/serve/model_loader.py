@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from aimass_hpc.errors import InputError, NotFoundError
+from aimass_hpc.common.errors import InputError, NotFoundError
 from aimass_hpc.serve.codec import ALLOWED_DTYPES, InputSpec, shape_of
 
 

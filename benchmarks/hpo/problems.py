@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from aimass_hpc.search import Categorical, Float, Int, Space
+from aimass_hpc.hpo import Categorical, Float, Int, Space
 
 
 @dataclass

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from problems import Problem, all_problems  # noqa: E402
 
-from aimass_hpc.search import MCTSSampler, RandomSampler, Sampler, Space  # noqa: E402
+from aimass_hpc.hpo import MCTSSampler, RandomSampler, Sampler, Space  # noqa: E402
 
 METHODS = ("mcts", "random", "tpe", "tpe-indep")
 MODES = ("batch8", "seq")
@@ -62,7 +62,7 @@ def make(method: str, space: Space, seed: int) -> Sampler:
         return MCTSSampler(space, seed=seed)
     if method == "random":
         return RandomSampler(space, seed=seed)
-    from aimass_hpc.search.optuna_adapter import OptunaTPESampler
+    from aimass_hpc.hpo.optuna_adapter import OptunaTPESampler
 
     if method == "tpe":
         return OptunaTPESampler(space, seed=seed)
@@ -83,7 +83,7 @@ def fingerprint(method: str) -> str:
     """What a method's result depends on: its source files (and Optuna's version)."""
     h = hashlib.sha256(method.encode())
     for name in _SOURCES[method]:
-        h.update((ROOT / "aimass_hpc" / "search" / name).read_bytes())
+        h.update((ROOT / "aimass_hpc" / "hpo" / name).read_bytes())
     if method.startswith("tpe"):
         import optuna
 

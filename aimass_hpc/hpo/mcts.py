@@ -59,10 +59,10 @@ from typing import Any
 
 import numpy as np
 
-from aimass_hpc.search import gp as _gpm
-from aimass_hpc.search.gp import GP, log_ei
-from aimass_hpc.search.samplers import Direction, Sampler, Trial, TrialRecord
-from aimass_hpc.search.space import Space
+from aimass_hpc.hpo import gp as _gpm
+from aimass_hpc.hpo.gp import GP, log_ei
+from aimass_hpc.hpo.samplers import Direction, Sampler, Trial, TrialRecord
+from aimass_hpc.hpo.space import Space
 
 __all__ = ["MCTSSampler"]
 

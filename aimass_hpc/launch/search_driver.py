@@ -3,7 +3,7 @@
 It keeps at most ``parallel`` trials in the scheduler; as soon as one ends it tells the sampler
 and asks for the next while the others are still running (no lock-step rounds). All running
 trials are polled with ONE scheduler ``status`` call per poll. It knows no Slurm: it talks to
-the scheduler interface and :func:`aimass_hpc.submission.submit`.
+the scheduler interface and :func:`aimass_hpc.launch.submit.submit`.
 
 Crash safety: every decision is journaled *before* it is acted on::
 
@@ -52,23 +52,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc import fsutil
-from aimass_hpc.errors import ConflictError, InputError, NotFoundError, SchedulerError
-from aimass_hpc.runs import RunDir
-from aimass_hpc.runtime.result import RESULT_FILE  # written by report_result / write_result
-from aimass_hpc.scheduler.base import AccountingUnavailable
-from aimass_hpc.search import journal as J
-from aimass_hpc.search.journal import FileLock, Journal, SearchState, TrialRecord, replay
-from aimass_hpc.search.pruning import History, SuccessiveHalving, read_history
-from aimass_hpc.search.samplers import Sampler
-from aimass_hpc.search.search_spec import (
+from aimass_hpc.common import fsutil
+from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError, SchedulerError
+from aimass_hpc.config.job_spec import JobRequest
+from aimass_hpc.config.search_spec import (
     SearchSpec,
     format_command,
     spec_from_record,
     train_overrides,
 )
-from aimass_hpc.site import Site
-from aimass_hpc.specs import JobRequest
+from aimass_hpc.config.site import Site
+from aimass_hpc.hpo.pruning import History, SuccessiveHalving, read_history
+from aimass_hpc.hpo.samplers import Sampler
+from aimass_hpc.launch import journal as J
+from aimass_hpc.launch.journal import FileLock, Journal, SearchState, TrialRecord, replay
+from aimass_hpc.launch.runs import RunDir
+from aimass_hpc.launch.scheduler.base import AccountingUnavailable
+from aimass_hpc.runtime.result import RESULT_FILE  # written by report_result / write_result
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ SUBMIT_ATTEMPTS = 3  # scheduler errors in a row before a trial's submission is 
 
 def make_sampler(spec: SearchSpec, seed: int) -> Sampler:
     """The sampler the spec names, seeded with the journaled seed."""
-    from aimass_hpc.search import make_sampler as by_name
+    from aimass_hpc.hpo import make_sampler as by_name
 
     return by_name(
         spec.search.sampler, spec.space_obj(), seed=seed, direction=spec.search.direction
@@ -363,7 +363,7 @@ class SearchDriver:
         self.spec = sdir.spec(state)
         self.seed = int(self.spec.search.seed or 0)
         if scheduler is None:
-            from aimass_hpc.scheduler import get_scheduler
+            from aimass_hpc.launch.scheduler import get_scheduler
 
             scheduler = get_scheduler(site)
         self.scheduler = scheduler
@@ -487,7 +487,7 @@ class SearchDriver:
             proposed += 1
 
     def _submit(self, trial_id: int, params: dict[str, Any], *, attempt: int) -> None:
-        from aimass_hpc.submission import SubmitUnknown, submit
+        from aimass_hpc.launch.submit import SubmitUnknown, submit
 
         self._heartbeat()
         try:
@@ -537,7 +537,7 @@ class SearchDriver:
 
     def _poll(self, state: SearchState) -> None:
         """One scheduler call for every trial with a job; act on what ended."""
-        from aimass_hpc.scheduler.states import JobState
+        from aimass_hpc.common.slurm_states import JobState
 
         watched = state.by_state(J.SUBMITTED, J.RUNNING)
         if not watched:
@@ -570,7 +570,7 @@ class SearchDriver:
             self._job_ended(t, st)
 
     def _job_ended(self, t: TrialRecord, st: Any) -> None:
-        from aimass_hpc.scheduler.states import JobState
+        from aimass_hpc.common.slurm_states import JobState
 
         started = t.started_at
         if started is None and st.elapsed is not None:
@@ -980,7 +980,7 @@ def build_trial(
         # The training capability plans the job (backend, ranks, train.json); the trial only
         # injects its params, renames it and adds its environment. kind stays "train" so
         # train.j2 sets up the distributed world; preempted trials resume from checkpoints.
-        from aimass_hpc.train_spec import load_train_spec, plan_training
+        from aimass_hpc.config.train_spec import load_train_spec, plan_training
 
         assert spec.train_spec_path is not None
         train = load_train_spec(spec.train_spec_path, train_overrides(spec, params))

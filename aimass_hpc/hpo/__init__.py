@@ -2,17 +2,22 @@
 
 ``Space`` describes what to search; a sampler (``MCTSSampler``, ``RandomSampler`` or
 ``OptunaTPESampler``) proposes ``Trial``s with ``ask`` and learns results with ``tell``. The
-driver that runs trials as batch jobs lives elsewhere and rebuilds a sampler from its journal
-(see ``Sampler``). ``OptunaTPESampler`` imports optuna only when constructed.
+driver that runs trials as batch jobs is ``aimass_hpc.launch.search_driver``; it rebuilds a
+sampler from its journal (see ``Sampler``). ``OptunaTPESampler`` imports optuna only when
+constructed.
+
+Runs wherever the search driver runs (login node or the driver's job) and in benchmarks; pure
+algorithms: imports ``common`` (name rules) and ``runtime`` (metrics), never ``launch``,
+``cli`` or a scheduler.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from aimass_hpc.search.mcts import MCTSSampler
-from aimass_hpc.search.samplers import RandomSampler, Sampler, Trial, TrialRecord
-from aimass_hpc.search.space import Categorical, Float, Int, Param, Space
+from aimass_hpc.hpo.mcts import MCTSSampler
+from aimass_hpc.hpo.samplers import RandomSampler, Sampler, Trial, TrialRecord
+from aimass_hpc.hpo.space import Categorical, Float, Int, Param, Space
 
 __all__ = [
     "SAMPLERS",
@@ -35,9 +40,9 @@ SAMPLERS = ("mcts", "random", "tpe")
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: importing aimass_hpc.search must not import optuna.
+    # Lazy: importing aimass_hpc.hpo must not import optuna.
     if name == "OptunaTPESampler":
-        from aimass_hpc.search.optuna_adapter import OptunaTPESampler
+        from aimass_hpc.hpo.optuna_adapter import OptunaTPESampler
 
         return OptunaTPESampler
     raise AttributeError(name)
@@ -50,7 +55,7 @@ def make_sampler(
 
     Raises ``InputError`` for an unknown name or option, so a spec typo is one clear line.
     """
-    from aimass_hpc.errors import InputError
+    from aimass_hpc.common.errors import InputError
 
     if name == "mcts":
         cls: type[Sampler] = MCTSSampler

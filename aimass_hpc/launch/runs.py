@@ -17,7 +17,7 @@ directory; the job exports ``AIMASS_RUN_DIR`` and ``AIMASS_JOB_NAME``.
 A runs root that cannot be written (a path under a regular file, too long a name, no
 permission, a read-only or full filesystem) is one line naming the path and the OS reason:
 exit 2 when the path is unusable (give another ``filesystems.runs``), exit 5 when the system
-failed (a full disk, a quota, an I/O error); see :func:`aimass_hpc.fsutil.os_error`. A run
+failed (a full disk, a quota, an I/O error); see :func:`aimass_hpc.common.fsutil.os_error`. A run
 directory whose setup fails half-way is removed again: nothing half-made is left behind, and
 the job-id index is only ever replaced atomically.
 """
@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import InputError, IntegrityError, NotFoundError
-from aimass_hpc.fsutil import (
+from aimass_hpc.common.errors import InputError, IntegrityError, NotFoundError
+from aimass_hpc.common.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
@@ -104,7 +104,7 @@ class RunDir:
     def create(cls, root: str | os.PathLike[str], name: str) -> RunDir:
         """Create a new run directory (with ``logs/``) under ``root``.
 
-        Raises a one-line :class:`~aimass_hpc.errors.AimassError` naming the path and the OS
+        Raises a one-line :class:`~aimass_hpc.common.errors.AimassError` naming the path and the OS
         reason when ``root`` cannot be created or written (exit 2 for an unusable path, 5 for
         a system failure); nothing is left behind.
         """

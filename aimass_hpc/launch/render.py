@@ -7,7 +7,7 @@ Quoting is enforced by the template environment, not left to template authors:
 * ``{{ x|sb }}`` is for ``#SBATCH`` values: it passes only a strict character set (sbatch
   parses those lines itself, so quoting would not help) and refuses anything else;
 * ``{{ x|ident }}`` passes environment-variable names (a full-string match, see
-  :mod:`aimass_hpc.names`);
+  :mod:`aimass_hpc.common.names`);
 * ``{{ x|comment }}`` makes any value safe on a ``#`` comment line: control characters
   (newlines included) become visible escapes, so a value cannot end the comment;
 * a ``finalize`` hook refuses every other string that reaches the output, so a forgotten
@@ -32,10 +32,10 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from aimass_hpc.errors import InputError
-from aimass_hpc.names import ENV_NAME, SBATCH_VALUE, shown
-from aimass_hpc.site import BUNDLED_TEMPLATES, Site
-from aimass_hpc.specs import JobRequest
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.common.names import ENV_NAME, SBATCH_VALUE, shown
+from aimass_hpc.config.job_spec import JobRequest
+from aimass_hpc.config.site import BUNDLED_TEMPLATES, Site
 
 TEMPLATE_NAMES = ("job.j2", "train.j2", "trial.j2", "serve.j2")
 

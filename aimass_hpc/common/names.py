@@ -11,7 +11,7 @@ Each rule comes in two shapes:
 
 * a pydantic type (``EnvName``, ``SlurmName``, ``ModelName``, ...): ``Annotated[str,
   AfterValidator(...)]`` for spec and config models, so the error carries the key path;
-* a plain ``check_*(value, where)`` function raising :class:`~aimass_hpc.errors.InputError`
+* a plain ``check_*(value, where)`` function raising :class:`~aimass_hpc.common.errors.InputError`
   whose message starts with ``where`` (the key path), for CLI arguments and code paths
   without a model.
 
@@ -39,7 +39,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
-from aimass_hpc.errors import InputError
+from aimass_hpc.common.errors import InputError
 
 _SHOWN = 60  # characters of a bad value quoted in a message
 

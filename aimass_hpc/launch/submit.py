@@ -3,7 +3,7 @@
 ``submit`` is what every ``aimass`` command that starts work calls (train, search trials,
 serve); ``submit_script`` does the same for a plain batch script a user wrote.
 
-A submit command that does not answer in time (:class:`~aimass_hpc.scheduler.CommandTimeout`)
+A submit command that does not answer in time (:class:`~aimass_hpc.launch.scheduler.CommandTimeout`)
 may still have queued the job, so it is never reported as a plain failure: the job is looked
 up by its run directory and adopted when found; otherwise the run's state says
 ``submit_unknown`` and :class:`SubmitUnknown` tells the user how to check before resubmitting.
@@ -18,13 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from aimass_hpc import __version__
-from aimass_hpc.errors import AimassError, InputError, SchedulerError
-from aimass_hpc.fsutil import read_user_text
-from aimass_hpc.render import render_request
-from aimass_hpc.runs import RunDir, index_job
-from aimass_hpc.scheduler import CommandTimeout, Scheduler, get_scheduler
-from aimass_hpc.site import Site
-from aimass_hpc.specs import JobRequest, check_sbatch_extra, sbatch_options, slurm_job_name
+from aimass_hpc.common.errors import AimassError, InputError, SchedulerError
+from aimass_hpc.common.fsutil import read_user_text
+from aimass_hpc.config.job_spec import (
+    JobRequest,
+    check_sbatch_extra,
+    sbatch_options,
+    slurm_job_name,
+)
+from aimass_hpc.config.site import Site
+from aimass_hpc.launch.render import render_request
+from aimass_hpc.launch.runs import RunDir, index_job
+from aimass_hpc.launch.scheduler import CommandTimeout, Scheduler, get_scheduler
 
 
 class SubmitUnknown(SchedulerError):

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import NotFoundError, SchedulerError
-from aimass_hpc.scheduler.states import JobState
+from aimass_hpc.common.errors import NotFoundError, SchedulerError
+from aimass_hpc.common.slurm_states import JobState
 
 # ``JobStatus.source`` of a job the controller no longer lists and whose accounting lookup
 # failed (slurmdbd down, or no accounting at all): it may have run, nobody can say how it ended.

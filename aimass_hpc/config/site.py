@@ -26,9 +26,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 import aimass_hpc
-from aimass_hpc.errors import InputError, NotFoundError
-from aimass_hpc.fsutil import read_user_text
-from aimass_hpc.names import (
+from aimass_hpc.common.errors import InputError, NotFoundError
+from aimass_hpc.common.fsutil import read_user_text
+from aimass_hpc.common.names import (
     MEM_SIZE,
     SIGNAL,
     SLURM_NAME,
@@ -39,7 +39,7 @@ from aimass_hpc.names import (
     key_path,
     shown,
 )
-from aimass_hpc.timelimit import check_time, parse_time
+from aimass_hpc.common.timelimit import check_time, parse_time
 
 PACKAGE_ROOT = Path(aimass_hpc.__file__).resolve().parents[1]
 BUNDLED_SITES = PACKAGE_ROOT / "site_configs"

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from aimass_hpc.search.space import Space
+from aimass_hpc.hpo.space import Space
 
 __all__ = ["RandomSampler", "Sampler", "Trial", "TrialRecord"]
 
@@ -81,7 +81,7 @@ class Sampler(ABC):
         direction: Direction = "minimize",
     ) -> None:
         if not isinstance(space, Space):
-            raise TypeError("space must be an aimass_hpc.search.Space")
+            raise TypeError("space must be an aimass_hpc.hpo.Space")
         if direction not in ("minimize", "maximize"):
             raise ValueError(f"direction must be 'minimize' or 'maximize', not {direction!r}")
         self.space = space

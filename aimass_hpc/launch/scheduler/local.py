@@ -21,11 +21,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import ConflictError, InputError, NotFoundError
-from aimass_hpc.fsutil import atomic_write_json, read_json
-from aimass_hpc.scheduler.base import CommandRunner, JobStatus, Scheduler, submission_env
-from aimass_hpc.scheduler.states import JobState
-from aimass_hpc.specs import sbatch_options
+from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError
+from aimass_hpc.common.fsutil import atomic_write_json, read_json
+from aimass_hpc.common.slurm_states import JobState
+from aimass_hpc.config.job_spec import sbatch_options
+from aimass_hpc.launch.scheduler.base import CommandRunner, JobStatus, Scheduler, submission_env
 
 # The wrapper records the script's exit code atomically once it ends.
 _WRAPPER = 'bash "$1"; rc=$?; printf "%s\\n" "$rc" > "$2.tmp"; mv -f "$2.tmp" "$2"; exit "$rc"'

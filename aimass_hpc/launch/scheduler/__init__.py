@@ -1,4 +1,4 @@
-"""Scheduler backends behind one interface (:class:`~aimass_hpc.scheduler.base.Scheduler`).
+"""Scheduler backends behind one interface (:class:`~aimass_hpc.launch.scheduler.base.Scheduler`).
 
 ``get_scheduler(site)`` returns the backend the site config names: ``slurm`` (command-line
 tools, the default) or ``local`` (subprocesses, for debugging). A pyslurm backend is possible
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from aimass_hpc.scheduler.base import (
+from aimass_hpc.common.slurm_states import JobState, normalize_state
+from aimass_hpc.launch.scheduler.base import (
     LOOKUP_FAILED,
     AccountingUnavailable,
     CommandRunner,
@@ -22,10 +23,9 @@ from aimass_hpc.scheduler.base import (
     check_answered,
     submission_env,
 )
-from aimass_hpc.scheduler.states import JobState, normalize_state
 
 if TYPE_CHECKING:
-    from aimass_hpc.site import Site
+    from aimass_hpc.config.site import Site
 
 __all__ = [
     "LOOKUP_FAILED",
@@ -47,9 +47,9 @@ __all__ = [
 def get_scheduler(site: Site, runner: CommandRunner | None = None) -> Scheduler:
     """The scheduler backend for ``site`` (``runner`` wraps its external commands)."""
     if site.scheduler == "local":
-        from aimass_hpc.scheduler.local import LocalScheduler
+        from aimass_hpc.launch.scheduler.local import LocalScheduler
 
         return LocalScheduler(site.runs_root / ".local-jobs", runner=runner)
-    from aimass_hpc.scheduler.slurm import SlurmScheduler
+    from aimass_hpc.launch.scheduler.slurm import SlurmScheduler
 
     return SlurmScheduler(runner=runner)

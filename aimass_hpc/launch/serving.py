@@ -25,10 +25,13 @@ from typing import Any
 
 import httpx
 
-from aimass_hpc.errors import ConflictError, InputError, NotFoundError, SchedulerError
-from aimass_hpc.fsutil import read_json
-from aimass_hpc.names import SLURM_NAME, check_tree, shown
-from aimass_hpc.scheduler import JobState, get_scheduler
+from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError, SchedulerError
+from aimass_hpc.common.fsutil import read_json
+from aimass_hpc.common.names import SLURM_NAME, check_tree, shown
+from aimass_hpc.config.job_spec import JobRequest, request_from_mapping
+from aimass_hpc.config.site import Site
+from aimass_hpc.launch.scheduler import JobState, get_scheduler
+from aimass_hpc.launch.submit import Submission, submit
 from aimass_hpc.serve.auth import ensure_token, token_path
 from aimass_hpc.serve.endpoints import (
     FINAL_STATES,
@@ -38,9 +41,6 @@ from aimass_hpc.serve.endpoints import (
     read_records,
     write_record,
 )
-from aimass_hpc.site import Site
-from aimass_hpc.specs import JobRequest, request_from_mapping
-from aimass_hpc.submission import Submission, submit
 
 # Scheduler states that mean the job is over but ended badly.
 _BAD_ENDS = {"FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "TIMEOUT"}
@@ -87,7 +87,7 @@ class ServeOptions:
 def check_serve_options(opts: ServeOptions, where: str = "serve") -> None:
     """Refuse bad options before anything touches the repository or the scheduler.
 
-    Every string must be free text (no NUL, no CR; :mod:`aimass_hpc.names`), the model
+    Every string must be free text (no NUL, no CR; :mod:`aimass_hpc.common.names`), the model
     reference must use the repository's name rules, and Slurm names must be Slurm names.
     ``InputError`` names the option (``serve.reservation``, ``serve.ref``...).
     """

@@ -47,11 +47,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from aimass_hpc.errors import InputError
-from aimass_hpc.names import EnvName, MemSize, ModelName, SlurmName, TaskRef, Text, check_tree
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.common.names import (
+    EnvName,
+    MemSize,
+    ModelName,
+    SlurmName,
+    TaskRef,
+    Text,
+    check_tree,
+)
+from aimass_hpc.config.job_spec import JobRequest, read_spec_toml, request_from_mapping
+from aimass_hpc.config.site import Site, problems_from_validation
 from aimass_hpc.runtime.config import CONFIG_FILE, RunConfig, TrainParams
-from aimass_hpc.site import Site, problems_from_validation
-from aimass_hpc.specs import JobRequest, read_spec_toml, request_from_mapping
 
 Backend = Literal["torch", "horovod"]
 
@@ -106,7 +114,9 @@ class TrainSection(_Strict):
 class ModelSection(_Strict):
     """``[model]``: where the checkpoints and the final model go."""
 
-    name: ModelName = Field(description="the repository's model name rule (aimass_hpc.names)")
+    name: ModelName = Field(
+        description="the repository's model name rule (aimass_hpc.common.names)"
+    )
     repository: Text | None = Field(None, description="default: the site's filesystems.models")
     tags: list[Text] = Field(default_factory=list)
 

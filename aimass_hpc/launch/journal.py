@@ -17,7 +17,7 @@ written, so a torn fragment (never counted) leaves no gap, while a lost or garbl
 Hence: an incomplete last line, or an unreadable line whose successor's ``seq`` shows nothing
 missing, is tolerated and reported (:meth:`Journal.notes`); anything else -- a record missing, a
 line that is not UTF-8, a JSON value that is not an object, a record with a field of the wrong
-type -- raises :class:`~aimass_hpc.errors.IntegrityError` (exit 6) naming the file and line.
+type -- raises :class:`~aimass_hpc.common.errors.IntegrityError` (exit 6) naming the file and line.
 
 Replaying the records (:func:`replay`) yields the whole search state; the driver writes a record
 *before* it acts (propose -> journal -> submit -> journal the job id) so a kill between any two
@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import ConflictError, IntegrityError
-from aimass_hpc.fsutil import os_error, shown_path
+from aimass_hpc.common.errors import ConflictError, IntegrityError
+from aimass_hpc.common.fsutil import os_error, shown_path
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ A TOML file with these tables (only ``[search]``, ``[objective]`` and ``[space]`
     command = ["{python}", "objective.py", "--x={x}", "--y={y}"]
     # train = "train_spec.toml"  # a training spec; each trial trains with its params injected
 
-    [space]                    # see aimass_hpc.search.space.Space.from_dict
+    [space]                    # see aimass_hpc.hpo.space.Space.from_dict
     x = {type = "float", low = -5.0, high = 5.0}
     y = {type = "categorical", choices = ["a", "b"]}
 
@@ -49,8 +49,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from aimass_hpc.errors import InputError
-from aimass_hpc.names import (
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.common.names import (
     PARAM_NAME,
     Constraint,
     EnvName,
@@ -61,10 +61,10 @@ from aimass_hpc.names import (
     check_tree,
     shown,
 )
-from aimass_hpc.search.space import Space
-from aimass_hpc.site import problems_from_validation
-from aimass_hpc.specs import read_spec_toml
-from aimass_hpc.timelimit import check_time
+from aimass_hpc.common.timelimit import check_time
+from aimass_hpc.config.job_spec import read_spec_toml
+from aimass_hpc.config.site import problems_from_validation
+from aimass_hpc.hpo.space import Space
 
 SAMPLERS = ("mcts", "random", "tpe")
 # Placeholders a command may use besides the parameter names.
@@ -268,7 +268,7 @@ def train_param_key(name: str, has_task: bool) -> str | None:
     """
     if "." in name:
         return name
-    from aimass_hpc.train_spec import TrainSection
+    from aimass_hpc.config.train_spec import TrainSection
 
     if name in TrainSection.model_fields:
         return f"train.{name}"
@@ -372,7 +372,7 @@ def _check_semantics(spec: SearchSpec, where: str) -> None:
         # space's default point injected (validation only; no user code runs).
         import numpy as np
 
-        from aimass_hpc.train_spec import load_train_spec
+        from aimass_hpc.config.train_spec import load_train_spec
 
         sample = space.sample(np.random.default_rng(0))
         try:

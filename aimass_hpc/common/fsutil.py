@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import AimassError, InputError, SchedulerError
+from aimass_hpc.common.errors import AimassError, InputError, SchedulerError
 
 # What an OSError says about whose problem it is. These mean the path itself is unusable -- a
 # parent is a regular file, a name is too long, no permission, a read-only filesystem -- which

@@ -1,6 +1,6 @@
 """``OptunaTPESampler``: Optuna's TPE behind the shared ask/tell interface.
 
-Optuna is imported when the sampler is constructed, not when ``aimass_hpc.search`` is. Trials
+Optuna is imported when the sampler is constructed, not when ``aimass_hpc.hpo`` is. Trials
 live in an in-memory Optuna study; conditional parameters are suggested define-by-run, so
 inactive ones are simply never suggested. Pending trials are RUNNING trials in the study, which
 TPE's constant liar (on by default) takes into account.
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from aimass_hpc.search.samplers import Direction, Sampler, TrialRecord
-from aimass_hpc.search.space import Categorical, Float, Space
+from aimass_hpc.hpo.samplers import Direction, Sampler, TrialRecord
+from aimass_hpc.hpo.space import Categorical, Float, Space
 
 __all__ = ["OptunaTPESampler"]
 
@@ -26,7 +26,7 @@ def _optuna():
     try:
         import optuna
     except ImportError as exc:  # pragma: no cover - optuna is installed with the search extra
-        from aimass_hpc.errors import InputError
+        from aimass_hpc.common.errors import InputError
 
         raise InputError("sampler 'tpe' needs optuna: pip install 'aimass-hpc[search]'") from exc
     return optuna

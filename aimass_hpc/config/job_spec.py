@@ -1,8 +1,8 @@
 """What a user asks the scheduler for: :class:`JobRequest`, and the generic job spec TOML.
 
 A ``JobRequest`` is scheduler-neutral and site-neutral until :meth:`JobRequest.resolve` checks
-it against a :class:`~aimass_hpc.site.Site` and fills the site's defaults (partition, account,
-QOS, time). Training, search and serving build their own richer specs and turn them into a
+it against a :class:`~aimass_hpc.config.site.Site` and fills the site's defaults (partition,
+account, QOS, time). Training, search and serving build their own richer specs and turn them into a
 ``JobRequest`` of their ``kind``; the renderer only ever sees resolved requests.
 
 Generic job spec (``aimass submit hello.toml``)::
@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from aimass_hpc.errors import InputError
-from aimass_hpc.fsutil import read_user_text
-from aimass_hpc.names import (
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.common.fsutil import read_user_text
+from aimass_hpc.common.names import (
     SBATCH_OPTION,
     SBATCH_VALUE,
     ArrayRange,
@@ -41,8 +41,8 @@ from aimass_hpc.names import (
     check_tree,
     shown,
 )
-from aimass_hpc.site import Site, _did_you_mean, parse_mem_mb, problems_from_validation
-from aimass_hpc.timelimit import check_time, format_time, parse_time
+from aimass_hpc.common.timelimit import check_time, format_time, parse_time
+from aimass_hpc.config.site import Site, _did_you_mean, parse_mem_mb, problems_from_validation
 
 Kind = Literal["job", "train", "trial", "serve"]
 Launcher = Literal["srun", "mpirun", "none"]

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from aimass_hpc.errors import InputError
-from aimass_hpc.names import PARAM_NAME, key_path, shown
+from aimass_hpc.common.errors import InputError
+from aimass_hpc.common.names import PARAM_NAME, key_path, shown
 
 Scalar = str | int | float | bool
 

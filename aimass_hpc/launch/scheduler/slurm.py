@@ -6,10 +6,10 @@
   ``sacct -X --parsable2`` call for the ids the controller has already forgotten (older than
   ``MinJobAge``). slurmdbd lags the controller, which is why squeue is asked first. When that
   sacct call fails (slurmdbd down, or no accounting at all), forgotten jobs are ``UNKNOWN``
-  with ``source`` :data:`~aimass_hpc.scheduler.base.LOOKUP_FAILED`: they may have run, so
+  with ``source`` :data:`~aimass_hpc.launch.scheduler.base.LOOKUP_FAILED`: they may have run, so
   callers must not take them for ids nobody knows.
 * ``sbatch`` gets ``$AIMASS_SBATCH_TIMEOUT`` seconds (default 60); when it does not answer in
-  time, :class:`~aimass_hpc.scheduler.base.CommandTimeout` says the job may be queued anyway.
+  time, :class:`~aimass_hpc.launch.scheduler.base.CommandTimeout` says the job may be queued anyway.
 * ``scancel`` is silent about unknown ids in 22.05, so ``cancel`` checks the ids first.
 """
 
@@ -23,8 +23,10 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from aimass_hpc.errors import ConflictError, InputError, NotFoundError, SchedulerError
-from aimass_hpc.scheduler.base import (
+from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError, SchedulerError
+from aimass_hpc.common.slurm_states import JobState, aggregate_state, normalize_state
+from aimass_hpc.common.timelimit import parse_elapsed
+from aimass_hpc.launch.scheduler.base import (
     LOOKUP_FAILED,
     AccountingUnavailable,
     CommandRunner,
@@ -33,8 +35,6 @@ from aimass_hpc.scheduler.base import (
     check_answered,
     submission_env,
 )
-from aimass_hpc.scheduler.states import JobState, aggregate_state, normalize_state
-from aimass_hpc.timelimit import parse_elapsed
 
 # Name goes last: it is the only field that can contain the separator.
 SQUEUE_FIELDS = (

@@ -1,6 +1,6 @@
 """Search plots: best-so-far and parallel coordinates, as PNG files (matplotlib, no display).
 
-Both read only the replayed journal (:class:`~aimass_hpc.search.journal.SearchState`), so they
+Both read only the replayed journal (:class:`~aimass_hpc.launch.journal.SearchState`), so they
 work while the search runs and after it ended, from any machine that sees the search directory.
 """
 
@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.errors import ConflictError
-from aimass_hpc.search.journal import FINISHED, SearchState, TrialRecord
-from aimass_hpc.search.space import Categorical, Int, Space
+from aimass_hpc.common.errors import ConflictError
+from aimass_hpc.hpo.space import Categorical, Int, Space
+from aimass_hpc.launch.journal import FINISHED, SearchState, TrialRecord
 
 
 def _finished(state: SearchState) -> list[TrialRecord]:
