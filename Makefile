@@ -45,6 +45,7 @@ test: setup
 lint: venv
 	$(VENV)/bin/ruff check aimass_hpc tests benchmarks examples
 	$(VENV)/bin/ruff format --check aimass_hpc tests benchmarks examples
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	$(PY) benchmarks/bench_repo.py --size-mb 256
