@@ -284,3 +284,12 @@ def test_kind_defaults_come_from_the_site():
     assert (train.partition, serve.partition, job.partition) == ("h100", "a100", "a100")
     assert serve.reservation == "inference" and job.reservation is None
     assert train.resolve(site) == train  # idempotent
+
+
+def test_a_request_is_resolved_once_and_checked_again_after_a_change():
+    site = load_site("dev")
+    resolved = JobRequest(name="x", command=["true"]).resolve(site)
+    assert resolved.resolve(site) is resolved  # resolve once: no second check
+    changed = resolved.model_copy(update={"gpus_per_node": 99})
+    with pytest.raises(InputError, match="^gpus_per_node: "):
+        changed.resolve(site)  # a changed request is checked again

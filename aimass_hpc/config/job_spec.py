@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from aimass_hpc.common.errors import InputError
 from aimass_hpc.common.fsutil import read_user_text
@@ -111,6 +112,10 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # The site this request was resolved for (resolve once: a resolved request flows through
+    # submit, render and the run directory without being checked again). Not serialised.
+    _resolved_for: Site | None = PrivateAttr(default=None)
+
     kind: Kind = "job"
     name: Text = Field(min_length=1, max_length=1000)
     command: list[Text] = Field(
@@ -179,6 +184,13 @@ class JobRequest(BaseModel):
         """The sanitised name Slurm shows (see :func:`slurm_job_name`)."""
         return slurm_job_name(self.name)
 
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy; one with changed fields must be resolved (checked) again."""
+        copy = super().model_copy(update=update, deep=deep)
+        if update:
+            copy._resolved_for = None
+        return copy
+
     def resolve(self, site: Site) -> JobRequest:
         """Check against ``site`` and fill its defaults; raises ``InputError`` naming the field.
 
@@ -186,8 +198,10 @@ class JobRequest(BaseModel):
         else the site default), time (the partition's ``default_time``), account and QOS
         (partition, then site), constraints, launcher (``mpi.launcher``) and, for ``serve``,
         the site's default reservation. Idempotent: resolving a resolved request changes
-        nothing.
+        nothing, and costs nothing when it was resolved for the same site object.
         """
+        if self._resolved_for is site:
+            return self
         kind_default = {
             "train": site.training.partition,
             "trial": site.search.partition,
@@ -244,7 +258,9 @@ class JobRequest(BaseModel):
             raise InputError(
                 f"requeue: site {site.name!r} allows no restarts (preemption.max_restarts = 0)"
             )
-        return self.model_copy(update=updates)
+        resolved = self.model_copy(update=updates)
+        resolved._resolved_for = site
+        return resolved
 
 
 def check_sbatch_extra(item: str) -> str:

@@ -93,11 +93,12 @@ def submit(
     if dry_run:
         run = RunDir.new_path(root, resolved.name)
         return Submission(run, None, render_request(site, resolved, run.path), resolved)
-    # Render before creating anything so a bad template leaves no empty run directory.
-    probe = RunDir.new_path(root, resolved.name)
-    render_request(site, resolved, probe.path)
     run = RunDir.create(root, resolved.name)
-    script = render_request(site, resolved, run.path)
+    try:
+        script = render_request(site, resolved, run.path)  # rendered once, for its real path
+    except AimassError:
+        run.discard()  # a bad template or value leaves no empty run directory behind
+        raise
     run.write_spec(
         {
             "request": resolved.model_dump(mode="json"),
