@@ -20,6 +20,7 @@ import re
 import sys
 import tomllib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,9 +42,25 @@ from aimass_hpc.common.names import (
 )
 from aimass_hpc.common.timelimit import check_time, parse_time
 
+# The folder holding the package: the checkout root in a source tree (plain or editable install),
+# site-packages in an installed wheel.
 PACKAGE_ROOT = Path(aimass_hpc.__file__).resolve().parents[1]
-BUNDLED_SITES = PACKAGE_ROOT / "site_configs"
-BUNDLED_TEMPLATES = PACKAGE_ROOT / "job_templates"
+
+
+def _bundled_dir(name: str) -> Path:
+    """The shipped data folder ``NAME`` (``job_templates``, ``site_configs``).
+
+    A wheel carries it as package data (``aimass_hpc/NAME``, see pyproject.toml); a source
+    checkout keeps it at the top level, where admins edit it, so that is the fallback.
+    """
+    installed = resources.files(aimass_hpc) / name
+    if isinstance(installed, Path) and installed.is_dir():
+        return installed.resolve()
+    return PACKAGE_ROOT / name
+
+
+BUNDLED_SITES = _bundled_dir("site_configs")
+BUNDLED_TEMPLATES = _bundled_dir("job_templates")
 
 SITE_ENV = "AIMASS_SITE"
 
