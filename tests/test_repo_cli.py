@@ -77,6 +77,15 @@ def test_search_filters(cli) -> None:
     assert [v["ref"] for v in json.loads(out)] == ["net:2", "net:3"]
     code, out, _ = cli("search", "--flops", ":2G", "--memory", "1.5GiB:", "--json")
     assert [v["ref"] for v in json.loads(out)] == ["net:2"]
+    # Issue 11: memory units are binary as in Slurm (2G = 2GB = 2GiB = 2^31 bytes, which net:2
+    # peaks at exactly), FLOPs decimal (2G = 2e9, net:2's count).
+    for two_g in ("2G", "2GB", "2GiB", "2g"):
+        code, out, _ = cli("search", "--memory", f"{two_g}:{two_g}", "--json")
+        assert [v["ref"] for v in json.loads(out)] == ["net:2"], two_g
+    code, out, _ = cli("search", "--flops", "2G", "--json")
+    assert [v["ref"] for v in json.loads(out)] == ["net:2"]
+    code, out, _ = cli("search", "--metric", "acc=-1:0.55", "--json")
+    assert code == 0 and [v["ref"] for v in json.loads(out)] == ["net:1"]
     code, out, _ = cli("search", "--tag", "first", "--name", "n*", "--since", "1d", "--json")
     assert [v["ref"] for v in json.loads(out)] == ["net:1"]
     code, out, _ = cli("search", "--tag", "cv")
@@ -155,6 +164,8 @@ def test_export_import_and_gc(cli, tmp_path) -> None:
         (["show", "net:x"], 2, "aimass: error: invalid version 'x' in model reference 'net:x'"),
         (["rollback", "net"], 2, "aimass: error: rollback needs NAME@ALIAS, got 'net'\n"),
         (["search", "--memory", "lots"], 2, "aimass: error: invalid --memory 'lots'"),
+        (["search", "--flops", ":5GiB"], 2, "aimass: error: invalid --flops '5GiB'"),
+        (["search", "--memory", "8G\n"], 2, "aimass: error: invalid --memory '8G\\n'"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_codes(cli, args, exit_code, message) -> None:

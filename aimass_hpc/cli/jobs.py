@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from aimass_hpc.cli._options import site_option
 from aimass_hpc.cli._output import echo_dry_run, echo_script, echo_submit_note
 from aimass_hpc.common.errors import InputError, NotFoundError
 from aimass_hpc.common.timelimit import format_elapsed
@@ -21,13 +22,6 @@ from aimass_hpc.launch.runs import RunDir, find_run, list_runs
 from aimass_hpc.launch.scheduler import JobState, JobStatus, check_answered, get_scheduler
 from aimass_hpc.runtime.metrics import summarize
 
-site_option = click.option(
-    "--site",
-    "site_ref",
-    metavar="NAME|PATH",
-    default=None,
-    help="Site config (default: $AIMASS_SITE).",
-)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout.")
 
 _STATE_STYLE = {

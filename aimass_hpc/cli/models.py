@@ -6,22 +6,25 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from aimass_hpc.cli._options import site_option
 from aimass_hpc.common.errors import InputError, IntegrityError
-
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
-_IUNITS = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
-_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kmgtpKMGTP]i?)?[bB]?\s*$")
+from aimass_hpc.common.units import parse_count, parse_memory_bytes
 
 
 class _Ctx:
-    """Where the repository is: --repo, else $AIMASS_REPO, else the site's filesystems.models."""
+    """Where the repository is: --repo, else the filesystems.models of the site given with
+    --site, else $AIMASS_REPO, else that of $AIMASS_SITE's site.
+
+    An explicit --site beats $AIMASS_REPO: a flag typed on this command line says more than a
+    variable set long ago.
+    """
 
     def __init__(self, repo: str | None, site: str | None) -> None:
         self.repo_arg = repo
@@ -30,7 +33,7 @@ class _Ctx:
     def root(self) -> str:
         if self.repo_arg:
             return self.repo_arg
-        if os.environ.get("AIMASS_REPO"):
+        if self.site is None and os.environ.get("AIMASS_REPO"):
             return os.environ["AIMASS_REPO"]
         try:
             from aimass_hpc.config.site import load_site
@@ -60,25 +63,23 @@ def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def parse_quantity(text: str, what: str) -> float:
-    """``1.5e9``, ``2G`` (10^9), ``8GiB`` (2^30), ``512M`` -> a number."""
-    m = _QUANTITY.match(text)
-    if not m:
-        raise InputError(f"invalid {what} {text!r}: expected a number like 2e9, 8GiB or 512M")
-    unit = (m.group(2) or "").lower()
-    return float(m.group(1)) * (_IUNITS[unit] if unit.endswith("i") else _UNITS[unit])
+def _metric_value(text: str, what: str) -> float:
+    return parse_count(text, what, signed=True)
 
 
-def parse_range(text: str, what: str) -> tuple[float | None, float | None]:
-    """``LO:HI`` with either end optional (``0.9:``, ``:8GiB``); a single value is exact."""
+def parse_range(
+    text: str, what: str, parse: Callable[[str, str], float] = _metric_value
+) -> tuple[float | None, float | None]:
+    """``LO:HI`` with either end optional (``0.9:``, ``:8GiB``); a single value is exact.
+
+    ``parse`` reads one end: a memory size (binary units), a count (decimal) or, by default,
+    a metric value (a count that may be negative).
+    """
     if ":" not in text:
-        v = parse_quantity(text, what)
+        v = parse(text, what)
         return (v, v)
     lo, _, hi = text.partition(":")
-    return (
-        parse_quantity(lo, what) if lo.strip() else None,
-        parse_quantity(hi, what) if hi.strip() else None,
-    )
+    return (parse(lo, what) if lo else None, parse(hi, what) if hi else None)
 
 
 def _human_bytes(n: float | None) -> str:
@@ -146,14 +147,29 @@ def _versions_table(repo: Any, versions: Iterable[Any], title: str) -> Table:
     metavar="PATH",
     help="Repository root (default: $AIMASS_REPO, else the site's filesystems.models).",
 )
-@click.option("--site", metavar="NAME|PATH", help="Site config whose filesystems.models to use.")
+@site_option
 @click.pass_context
-def models(ctx: click.Context, repo: str | None, site: str | None) -> None:
-    """Model repository: versions, aliases, verification, export and import."""
-    ctx.obj = _Ctx(repo, site)
+def models(ctx: click.Context, repo: str | None, site_ref: str | None) -> None:
+    """Model repository: versions, aliases, verification, export and import.
+
+    The repository is --repo, else the filesystems.models of the site (--site, here or after
+    the subcommand), else $AIMASS_REPO, else that of $AIMASS_SITE's site.
+    """
+    ctx.obj = _Ctx(repo, site_ref)
 
 
-pass_ctx = click.make_pass_decorator(_Ctx)
+def _take_site(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """``aimass models ls --site dev`` means what ``aimass models --site dev ls`` does."""
+    if value is not None:
+        ctx.ensure_object(_Ctx).site = value  # ensure_object: None, None when run alone
+
+
+_make_pass_ctx = click.make_pass_decorator(_Ctx)
+
+
+def pass_ctx(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Pass the repository context; every subcommand also takes --site (see ``_take_site``)."""
+    return site_option(expose_value=False, callback=_take_site)(_make_pass_ctx(func))
 
 
 @models.command("ls")
@@ -270,8 +286,16 @@ def show(ctx: _Ctx, ref: str, tensors: bool, as_json: bool) -> None:
 @click.option(
     "--metric", "metrics", multiple=True, metavar="NAME=LO:HI", help="Metric range (repeatable)."
 )
-@click.option("--flops", metavar="LO:HI", help="FLOPs per sample range, e.g. 1e9:5G.")
-@click.option("--memory", metavar="LO:HI", help="Peak memory range, e.g. :8GiB.")
+@click.option(
+    "--flops",
+    metavar="LO:HI",
+    help="FLOPs per sample range, e.g. 1e9:5G (k/M/G/T/P are powers of 1000).",
+)
+@click.option(
+    "--memory",
+    metavar="LO:HI",
+    help="Peak memory range, e.g. :8G (K/M/G/T, also KiB..TiB or KB..TB, are powers of 1024).",
+)
 @click.option("--since", help="Created at or after (ISO date or age like 7d).")
 @click.option("--until", help="Created at or before (ISO date or age like 1d).")
 @click.option("--kind", type=click.Choice(["model", "checkpoint", "sharded"]))
@@ -296,13 +320,15 @@ def search(
         if not sep or not key:
             raise InputError(f"invalid --metric {item!r}: expected NAME=LO:HI, e.g. acc=0.9:")
         ranges[key] = parse_range(rng, f"range for metric {key}")
+    flops_range = parse_range(flops, "--flops", parse_count) if flops else None
+    memory_range = parse_range(memory, "--memory", parse_memory_bytes) if memory else None
     repo = ctx.open()
     found = repo.search(
         name,
         tags=list(tags) or None,
         metrics=ranges,
-        flops=parse_range(flops, "--flops") if flops else None,
-        memory=parse_range(memory, "--memory") if memory else None,
+        flops=flops_range,
+        memory=memory_range,
         since=since,
         until=until,
         kind=kind,

@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from aimass_hpc.cli._options import site_option
 from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError, SchedulerError
 from aimass_hpc.common.names import RESERVATION_NAME, check_scontrol_value
 
@@ -84,7 +85,10 @@ def reserve() -> None:
 @click.argument("name")
 @click.option("--nodes", help="Node list, e.g. node[1-2].")
 @click.option("--node-count", type=click.IntRange(min=1), help="Or: this many nodes.")
-@click.option("--partition", help="Partition the nodes come from.")
+@click.option(
+    "--partition", help="Partition the nodes come from (default: --site's serving partition)."
+)
+@site_option
 @click.option(
     "--duration",
     default="60",
@@ -102,6 +106,7 @@ def create(
     nodes: str | None,
     node_count: int | None,
     partition: str | None,
+    site_ref: str | None,
     duration: str,
     start: str,
     users: str | None,
@@ -110,10 +115,16 @@ def create(
     dry_run: bool,
     as_json: bool,
 ) -> None:
-    """Create reservation NAME (wraps `scontrol create reservation`)."""
+    """Create reservation NAME (wraps `scontrol create reservation`).
+
+    With --site, the partition defaults to the site's serving partition (its
+    serving.partition), where `aimass serve` jobs run.
+    """
     import getpass
 
     RESERVATION_NAME.check(name, "NAME")
+    if site_ref is not None and partition is None:
+        partition = _serving_partition(site_ref)
     if not nodes and not node_count:
         raise InputError("give --nodes LIST or --node-count N")
     if not users and not accounts:
@@ -147,6 +158,16 @@ def create(
     else:
         where = shown[0].get("Nodes", "?") if shown else "?"
         click.echo(f"reservation {name} created: nodes {where}")
+
+
+def _serving_partition(site_ref: str) -> str | None:
+    """The partition serve jobs of site ``site_ref`` use (None: Slurm's default)."""
+    from aimass_hpc.config.site import load_site
+
+    site = load_site(site_ref)
+    if site.scheduler != "slurm":
+        raise InputError(f"site {site.name} runs jobs without Slurm: it has no reservations")
+    return site.serving.partition
 
 
 @reserve.command("list")

@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from aimass_hpc.cli._options import site_option
 from aimass_hpc.cli._output import echo_script
 from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError
 from aimass_hpc.common.fsutil import os_error, shown_path
@@ -30,6 +31,10 @@ _SEARCH_HELP = """Hyperparameter search: each trial is a batch job.
   aimass search status DIR           table of trials (params, value, state, job id, duration)
   aimass search cancel DIR           stop the search and its running trials
   aimass search plot DIR             best-so-far and parallel-coordinates PNGs
+
+DIR is a search directory, or with --site the name of a search under that site's
+<runs root>/searches (a directory there, or the newest search of that spec name).
+Without --site, resume and cancel use the site the search was created on.
 
 \b
 Where the driver runs (the process that proposes trials and watches them):
@@ -69,16 +74,49 @@ def _echo_events(to_stderr: bool) -> Any:
     return echo
 
 
-def _open(directory: str) -> Any:
-    """The search directory DIR; a path the OS cannot even look up is a one-line error."""
+def _open(directory: str, site_ref: str | None = None) -> Any:
+    """The search directory DIR; a path the OS cannot even look up is a one-line error.
+
+    With --site, a DIR that is not a search directory may name one under the site's
+    ``<runs root>/searches``: a directory there, or the newest search of that spec name.
+    """
     from aimass_hpc.launch.search_driver import SearchDir
 
     try:
-        return SearchDir.open(directory)
+        try:
+            return SearchDir.open(directory)
+        except NotFoundError:
+            if site_ref is None or not _is_plain_name(directory):
+                raise
+            return SearchDir.open(_search_under_site(directory, site_ref))
     except OSError as exc:
         raise os_error(exc, f"search directory {shown_path(directory)}") from None
     except ValueError:  # a NUL in the path
         raise InputError(f"search directory {directory!r}: not a valid path") from None
+
+
+def _is_plain_name(text: str) -> bool:
+    """A name, not a path: no separator, not ``.``/``..``, nothing a glob would read."""
+    return bool(text) and text not in (".", "..") and not any(c in text for c in "/\\*?[]\0")
+
+
+def _search_under_site(name: str, site_ref: str) -> Path:
+    """``<runs root>/searches/NAME``, else the newest ``<time>-NAME-<id>`` there."""
+    import re
+
+    from aimass_hpc.launch.search_driver import SEARCHES_DIR
+
+    root = _site(site_ref).runs_root / SEARCHES_DIR
+    exact = root / name
+    if exact.is_dir():
+        return exact
+    # create_search names directories <YYYYmmdd-HHMMSS>-<spec name>-<hex id>: sorting by name
+    # is sorting by time.
+    pattern = re.compile(rf"[0-9]{{8}}-[0-9]{{6}}-{re.escape(name)}-[0-9a-f]+")
+    found = sorted(p for p in root.glob(f"*-{name}-*") if pattern.fullmatch(p.name))
+    if not found:
+        raise NotFoundError(f"no search {name!r} under {shown_path(root)}")
+    return found[-1]
 
 
 def _read_state(sdir: Any) -> J.SearchState:
@@ -116,7 +154,7 @@ def _site(ref: str | None, sdir: Any = None) -> Any:
 
 @search.command("run")
 @click.argument("spec_path", metavar="SPEC.toml", type=click.Path(dir_okay=False))
-@click.option("--site", "site_ref", help="Site name or config file (default: $AIMASS_SITE).")
+@site_option
 @click.option(
     "--dir",
     "directory",
@@ -234,25 +272,30 @@ def _drive(sdir: Any, site: Any, as_json: bool, first_line: str | None = None) -
 
 @search.command("resume")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--site", "site_ref", help="Site (default: the one the search was created on).")
+@site_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON on stdout.")
 def resume_cmd(directory: str, site_ref: str | None, as_json: bool) -> None:
     """Continue a search whose driver stopped: no trial lost, none run twice.
 
     Trials that were queued or running are reconciled with the scheduler: finished ones are
-    read, running ones adopted, lost ones resubmitted under the same trial id.
+    read, running ones adopted, lost ones resubmitted under the same trial id. Without
+    --site, the search runs on the site it was created on.
     """
-    sdir = _open(directory)
+    sdir = _open(directory, site_ref)
     verb = "resuming" if _read_state(sdir).trials else "driving"
     _drive(sdir, _site(site_ref, sdir), as_json, first_line=f"{verb} search {sdir.path}")
 
 
 @search.command("status")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
+@site_option
 @click.option("--json", "as_json", is_flag=True, help="Print the trials as JSON.")
-def status_cmd(directory: str, as_json: bool) -> None:
-    """Table of the trials: params, value, state, job id, duration."""
-    sdir = _open(directory)
+def status_cmd(directory: str, site_ref: str | None, as_json: bool) -> None:
+    """Table of the trials: params, value, state, job id, duration.
+
+    DIR is a search directory, or with --site a search's name under that site.
+    """
+    sdir = _open(directory, site_ref)
     state = _read_state(sdir)
     spec = sdir.spec(state)
     if as_json:
@@ -263,14 +306,17 @@ def status_cmd(directory: str, as_json: bool) -> None:
 
 @search.command("cancel")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--site", "site_ref", help="Site (default: the one the search was created on).")
+@site_option
 @click.option("--wait", "wait_s", type=float, default=60.0, show_default=True,
               help="Seconds to wait for a live driver to stop its trials.")  # fmt: skip
 def cancel_cmd(directory: str, site_ref: str | None, wait_s: float) -> None:
-    """Stop the search: cancel its queued and running trials (and its detached driver)."""
+    """Stop the search: cancel its queued and running trials (and its detached driver).
+
+    Without --site, the jobs are cancelled on the site the search was created on.
+    """
     from aimass_hpc.launch.search_driver import SearchDriver
 
-    sdir = _open(directory)
+    sdir = _open(directory, site_ref)
     state = _read_state(sdir)
     if state.finished:
         raise ConflictError(f"search {sdir.path} has already finished")
@@ -310,12 +356,16 @@ def _cancel_driver_jobs(sdir: Any, site: Any) -> None:
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Directory for the PNGs "
               "(default: the search directory).")  # fmt: skip
+@site_option
 @click.option("--json", "as_json", is_flag=True, help="Print the file paths as JSON.")
-def plot_cmd(directory: str, out: str | None, as_json: bool) -> None:
-    """Draw best_so_far.png and parallel_coordinates.png for a search."""
+def plot_cmd(directory: str, out: str | None, site_ref: str | None, as_json: bool) -> None:
+    """Draw best_so_far.png and parallel_coordinates.png for a search.
+
+    DIR is a search directory, or with --site a search's name under that site.
+    """
     from aimass_hpc.launch.search_plots import plot_search
 
-    sdir = _open(directory)
+    sdir = _open(directory, site_ref)
     state = _read_state(sdir)
     spec = sdir.spec(state)
     paths = plot_search(

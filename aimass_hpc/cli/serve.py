@@ -15,12 +15,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from aimass_hpc.cli._options import site_option
 from aimass_hpc.cli._output import echo_dry_run, echo_submit_note
 from aimass_hpc.common.errors import InputError
 
-site_option = click.option(
-    "--site", "site_ref", metavar="NAME|PATH", default=None, help="Site config ($AIMASS_SITE)."
-)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout.")
 
 _COUNT = TextColumn("{task.completed}/{task.total}")

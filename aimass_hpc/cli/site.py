@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from aimass_hpc.cli._options import site_option
 from aimass_hpc.common.errors import AimassError, InputError
 from aimass_hpc.config.site import (
     Problem,
@@ -76,18 +77,28 @@ def _shellcheck_problems(script: str, where: str) -> list[Problem]:
     ]
 
 
+def _one_ref(ref: str | None, site_ref: str | None) -> str | None:
+    """The site named by the REF argument or by --site (they may not disagree)."""
+    if ref is not None and site_ref is not None and ref != site_ref:
+        raise InputError(f"two sites given: {ref!r} and --site {site_ref!r}; give one")
+    return ref if ref is not None else site_ref
+
+
 @site.command("check")
-@click.argument("ref")
+@click.argument("ref", required=False, metavar="[NAME|PATH]")
+@site_option
 @click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON.")
-def check(ref: str, as_json: bool) -> None:
+def check(ref: str | None, site_ref: str | None, as_json: bool) -> None:
     """Validate a site config FILE or NAME: every problem, with its key path and a hint.
+
+    The site is the argument, or --site, or $AIMASS_SITE.
 
     Names and values are checked first (a bad value is reported at its own key, e.g.
     `partitions.gpu.gpu_type`); a valid config is then rendered through every job template and
     checked with `bash -n` (and shellcheck, when installed).
     Exits non-zero when anything is wrong.
     """
-    path = resolve_site_path(ref)
+    path = resolve_site_path(_one_ref(ref, site_ref))
     problems = validate_site_file(path)
     if not problems:
         problems = template_problems(load_site(str(path)))
@@ -139,11 +150,15 @@ def list_cmd(as_json: bool) -> None:
 
 
 @site.command("show")
-@click.argument("ref")
+@click.argument("ref", required=False, metavar="[NAME|PATH]")
+@site_option
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved config as JSON.")
-def show(ref: str, as_json: bool) -> None:
-    """Show a site's resolved config (defaults filled, paths expanded)."""
-    obj = load_site(ref)
+def show(ref: str | None, site_ref: str | None, as_json: bool) -> None:
+    """Show a site's resolved config (defaults filled, paths expanded).
+
+    The site is the argument, or --site, or $AIMASS_SITE.
+    """
+    obj = load_site(_one_ref(ref, site_ref))
     data = obj.model_dump(mode="json")
     data["source"] = obj.source
     if as_json:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from aimass_hpc.cli._options import site_option
 from aimass_hpc.cli._output import echo_dry_run, echo_submit_note
 from aimass_hpc.common.errors import InputError
 from aimass_hpc.common.fsutil import os_error, shown_path
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 @click.command()
 @click.argument("spec_path", metavar="SPEC.toml", type=click.Path(dir_okay=False))
-@click.option("--site", "site_ref", help="site name or path (default $AIMASS_SITE)")
+@site_option
 @click.option("--nodes", type=click.IntRange(min=1), help="override job.nodes")
 @click.option("--gpus-per-node", type=click.IntRange(min=0), help="override job.gpus_per_node")
 @click.option("--tasks-per-node", type=click.IntRange(min=1), help="override job.tasks_per_node")
@@ -133,9 +134,12 @@ def _wait(site: Any, job_id: str | None, run_dir: Path, console: Console) -> dic
 @click.command()
 @click.argument("run")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="PNG path")
-@click.option("--site", "site_ref", help="site whose runs root holds RUN (for job ids)")
+@site_option
 def plot(run: str, output: str | None, site_ref: str | None) -> None:
-    """Draw the loss and metric curves of RUN (a run directory or a job id) to a PNG."""
+    """Draw the loss and metric curves of RUN (a run directory or a job id) to a PNG.
+
+    A job id (or ``last``) is looked up under the runs root of the site (--site).
+    """
     from aimass_hpc.runtime.metrics import read_metrics
     from aimass_hpc.runtime.plot import plot_metrics
 

@@ -210,7 +210,7 @@ SCONTROL_VALUE = Rule(
 RESERVATION_NAME = Rule(
     "reservation name", r"[A-Za-z0-9_.\-]+", "letters, digits, '.', '_' and '-'", max_length=64
 )
-MEM_SIZE = Rule("memory size", r"[0-9]+[KMGTkmgt]?[Bb]?", "e.g. 16000, 64G, 1T")
+MEM_SIZE = Rule("memory size", r"[0-9]+(?:[KMGTkmgt][Bb]?)?", "e.g. 16000, 64G, 1T")
 _DEP_ITEM = (
     r"(?:(?:after|afterany|afterok|afternotok|aftercorr|afterburstbuffer)"
     r"(?::[0-9]+(?:_[0-9]+)?(?:\+[0-9]+)?)+|singleton)"

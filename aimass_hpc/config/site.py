@@ -41,6 +41,7 @@ from aimass_hpc.common.names import (
     shown,
 )
 from aimass_hpc.common.timelimit import check_time, parse_time
+from aimass_hpc.common.units import parse_slurm_mem_mb
 
 # The folder holding the package: the checkout root in a source tree (plain or editable install),
 # site-packages in an installed wheel.
@@ -76,11 +77,12 @@ def search_dirs() -> list[Path]:
 
 # --------------------------------------------------------------------------- value checks
 
-_MEM_FACTOR = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
-
 
 def parse_mem_mb(value: str | int) -> int:
-    """Memory as Slurm writes it (``16000``, ``16G``, ``2T``) in MiB; raises ValueError."""
+    """Memory as Slurm writes it (``16000``, ``16G``, ``2T``) in MiB; raises ValueError.
+
+    Units are :func:`aimass_hpc.common.units.parse_slurm_mem_mb`'s (K/M/G/T = powers of 1024).
+    """
     if isinstance(value, bool):
         raise ValueError(f"not a memory size: {value!r}")
     if isinstance(value, int):
@@ -90,9 +92,10 @@ def parse_mem_mb(value: str | int) -> int:
     text = str(value)
     if not MEM_SIZE.matches(text):
         raise ValueError(f"not a memory size: {text!r} (use e.g. 16000, 64G, 1T)")
-    digits = text.rstrip("BbKkMmGgTt")
-    unit = text[len(digits) :].upper().removesuffix("B")
-    return int(int(digits) * _MEM_FACTOR[unit])
+    try:
+        return parse_slurm_mem_mb(text, "memory")
+    except InputError:  # pydantic validators need ValueError, never InputError
+        raise ValueError(f"not a memory size: {text!r} (use e.g. 16000, 64G, 1T)") from None
 
 
 def _check_mem(value: Any) -> Any:
