@@ -52,6 +52,7 @@ bench: setup
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/hpo/run.py --quick
+	$(PY) benchmarks/bench_search_state.py
 
 clean:
 	bash scripts/dev-cluster down || true

@@ -161,6 +161,19 @@ def test_search_runs_every_trial_once_with_its_params(setup) -> None:
     assert any("search finished" in e for e in events)
 
 
+def test_the_driver_reads_each_journal_line_once_whatever_the_polls(setup) -> None:
+    tmp, site = setup
+    sdir = new_search(tmp, site, budget=4, parallel=2)
+    driver = SearchDriver(sdir, site)
+    state = driver.run()
+    lines = sdir.journal_path.read_bytes().count(b"\n")
+    # the driver polled many times, yet parsed every line exactly once (no full replays)
+    assert driver.polls > 2
+    assert driver.journal.parsed_lines == lines
+    assert driver.state() is state and driver.journal.parsed_lines == lines
+    assert state == sdir.state() == J.replay(sdir.journal().records())
+
+
 def test_every_action_is_journaled_before_the_next(setup) -> None:
     tmp, site = setup
     sdir = new_search(tmp, site, budget=3, parallel=1)

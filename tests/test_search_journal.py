@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hst
 
 from aimass_hpc.common.errors import ConflictError, IntegrityError
 from aimass_hpc.launch import journal as J
@@ -531,3 +533,141 @@ def test_an_incremental_reader_decides_about_an_unreadable_line_when_a_record_fo
         fh.write(b'{"seq": 4, "ty\n' + lines[0].replace(b'"seq": 0', b'"seq": 5'))
     with pytest.raises(IntegrityError, match=f"^journal {path} line 6: unreadable"):
         reader.records()
+
+
+# --------------------------------------------------------------------------------------------
+# the incremental state (what the driver keeps between polls)
+
+_TRIAL_KINDS = [
+    J.TRIAL_SUBMITTED,
+    J.TRIAL_RUNNING,
+    J.TRIAL_LOST,
+    J.TRIAL_FINISHED,
+    J.TRIAL_FAILED,
+    J.TRIAL_PRUNED,
+    J.TRIAL_CANCELLED,
+]
+
+
+def _random_records(draw_int: Any, n: int) -> list[dict[str, Any]]:
+    """``n`` valid records in a plausible but adversarial order: repeated proposals, late
+    terminal records, running records for an old job, ties and infinities in values, and now
+    and then a record for a trial never proposed (damage both readers must report)."""
+    out: list[dict[str, Any]] = [{"type": J.SEARCH_CREATED, "spec": {"search": {}}}]
+    trials: list[int] = []
+    values = [0.0, -0.0, 1.0, 1.0, 2.5, -3.0, float("inf"), float("-inf")]
+    for _ in range(n):
+        roll = draw_int(0, 19)
+        if not trials or roll < 4:
+            tid = draw_int(0, len(trials) + 1)  # sometimes one proposed already
+            trials.append(tid)
+            out.append({"type": J.TRIAL_PROPOSED, "trial": tid, "params": {"x": roll}})
+            continue
+        if roll == 4:
+            kind = [J.CANCEL_REQUESTED, J.DRIVER_STARTED, J.SEARCH_FINISHED][draw_int(0, 2)]
+            out.append(
+                {"type": kind, "best": None} if kind == J.SEARCH_FINISHED else {"type": kind}
+            )
+            continue
+        tid = trials[draw_int(0, len(trials) - 1)] if draw_int(0, 40) else 999  # 999: unknown
+        kind = _TRIAL_KINDS[draw_int(0, len(_TRIAL_KINDS) - 1)]
+        rec: dict[str, Any] = {"type": kind, "trial": tid, "job_id": str(draw_int(1, 3))}
+        if kind == J.TRIAL_FINISHED:
+            rec["value"] = values[draw_int(0, len(values) - 1)]
+        out.append(rec)
+    return out
+
+
+def _same_state(kept: J.SearchState, full: J.SearchState) -> None:
+    assert kept == full  # every public field, every trial
+    for states in ([J.SUBMITTED, J.RUNNING], [J.LOST], [J.PROPOSED], [J.RUNNING], [J.FINISHED]):
+        assert [t.id for t in kept.by_state(*states)] == [t.id for t in full.by_state(*states)]
+    assert [t.id for t in kept.active] == [
+        t.id for t in full.trials.values() if t.state in J.ACTIVE_STATES
+    ]
+    for direction, sign in (("minimize", 1.0), ("maximize", -1.0)):
+        done = [t for t in full.trials.values() if t.state == J.FINISHED and t.value is not None]
+        want = min(done, key=lambda t: sign * float(t.value)) if done else None  # the old scan
+        got = kept.best_trial(direction)
+        assert (got.id if got else None) == (want.id if want else None)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=hst.data())
+def test_the_kept_state_after_each_append_equals_a_full_replay(tmp_path: Path, data: Any) -> None:
+    def draw_int(lo: int, hi: int) -> int:
+        return data.draw(hst.integers(lo, hi))
+
+    path = tmp_path / f"journal-{os.urandom(4).hex()}.jsonl"
+    records = _random_records(draw_int, data.draw(hst.integers(1, 40)))
+    writer, reader = Journal(path), Journal(path)
+    done = 0
+    while done < len(records):
+        batch = draw_int(1, 5)  # one locked write may carry several records
+        writer.append_many(records[done : done + batch])
+        done += batch
+        try:
+            full = replay(Journal(path).records())
+        except IntegrityError as exc:  # a record names a trial never proposed
+            with pytest.raises(IntegrityError) as kept:
+                reader.state()
+            assert str(kept.value) == str(exc)
+            with pytest.raises(IntegrityError):  # and it says so on every later poll
+                reader.state()
+            return
+        _same_state(reader.state(), full)
+
+
+def test_a_poll_with_no_new_bytes_parses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    writer, reader = Journal(path), Journal(path)
+    writer.append(J.SEARCH_CREATED, spec={})
+    writer.append_many(
+        [{"type": J.TRIAL_PROPOSED, "trial": i, "params": {"x": i}} for i in range(50)]
+    )
+    state = reader.state()
+    assert reader.parsed_lines == 51
+    assert reader.state() is state and reader.parsed_lines == 51  # nothing new: nothing parsed
+    writer.append(J.TRIAL_SUBMITTED, trial=7, job_id="42")
+    assert reader.state() is state and reader.parsed_lines == 52  # only the new line
+    assert state.trials[7].state == J.SUBMITTED and state.trials[7].job_id == "42"
+    # a torn tail (a writer died mid-record) is read once, not re-parsed every poll
+    with open(path, "ab") as fh:
+        fh.write(b'{"seq": 52, "type": "trial_fin')
+    reader.state()
+    parsed = reader.parsed_lines
+    for _ in range(3):
+        reader.state()
+    assert reader.parsed_lines == parsed
+    assert "incomplete last line" in reader.notes()[-1]
+
+
+def test_the_kept_state_keeps_the_torn_tail_guarantees(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    lines = _three_records(path)
+    path.write_bytes(b"".join(lines) + b'{"seq": 3, "ty\n')  # an unreadable (torn) last line
+    reader = Journal(path)
+    assert reader.state().last_seq == 2 and "unreadable last line" in reader.notes()[0]
+    Journal(path).append(J.CANCEL_REQUESTED)  # seq 3: nothing lost, the line was torn
+    assert reader.state().cancel_requested and reader.state().last_seq == 3
+    assert reader.notes() == [f"journal {path} line 4: skipped a torn record"]
+    with open(path, "ab") as fh:  # now a record goes missing after an unreadable line
+        fh.write(b'{"seq": 4, "ty\n' + lines[0].replace(b'"seq": 0', b'"seq": 5'))
+    for _ in range(2):  # every later poll says the same
+        with pytest.raises(IntegrityError, match=f"^journal {path} line 6: unreadable"):
+            reader.state()
+
+
+def test_the_kept_best_trial_breaks_ties_by_proposal_order(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    reader, writer = Journal(path), Journal(path)
+    writer.append_many([{"type": J.TRIAL_PROPOSED, "trial": i, "params": {}} for i in range(3)])
+    writer.append(J.TRIAL_FINISHED, trial=2, value=1.0)
+    assert reader.state().best_trial("minimize").id == 2
+    writer.append(J.TRIAL_FINISHED, trial=1, value=1.0)  # a tie: the earlier proposal wins
+    writer.append(J.TRIAL_FINISHED, trial=0, value=5.0)
+    state = reader.state()
+    assert state.best_trial("minimize").id == 1 and state.best_trial("maximize").id == 0
+    assert replay(writer.records()).best_trial("minimize").id == 1  # as a full replay says

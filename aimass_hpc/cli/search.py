@@ -326,7 +326,8 @@ def cancel_cmd(directory: str, site_ref: str | None, wait_s: float) -> None:
     if _driver_alive(sdir):
         # A live driver sees the request at its next poll, cancels the trials and finishes.
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and not sdir.state().finished:
+        journal = sdir.journal()  # one journal: each check reads only what was appended
+        while time.monotonic() < deadline and not journal.state().finished:
             time.sleep(0.5)
     if not sdir.state().finished:
         try:

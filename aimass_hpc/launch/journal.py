@@ -21,7 +21,9 @@ type -- raises :class:`~aimass_hpc.common.errors.IntegrityError` (exit 6) naming
 
 Replaying the records (:func:`replay`) yields the whole search state; the driver writes a record
 *before* it acts (propose -> journal -> submit -> journal the job id) so a kill between any two
-steps is recoverable.
+steps is recoverable. A long-lived reader (the driver) keeps one state and applies only the
+records appended since its last read (:meth:`Journal.state`), so a poll costs the same whatever
+the length of the journal.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -474,6 +477,13 @@ class Journal:
         self._pending: list[int] = []  # unreadable complete lines no record has followed yet
         self._tail = 0  # bytes of an incomplete last line (a writer died, or is writing)
         self._tail_line = 1
+        # The bytes after _offset as last read without error (pending lines and a torn tail):
+        # the same bytes again mean nothing new, so nothing is parsed again.
+        self._unconsumed = b""
+        self.parsed_lines = 0  # lines parsed so far (a poll with nothing new parses none)
+        # The incremental state: _records[:_applied] are applied to _state.
+        self._state = SearchState()
+        self._applied = 0
 
     @classmethod
     def in_dir(cls, directory: str | os.PathLike[str], **kwargs: Any) -> Journal:
@@ -544,6 +554,8 @@ class Journal:
             with fh:
                 fh.seek(self._offset)
                 chunk = fh.read()
+            if chunk == self._unconsumed:
+                return  # nothing appended (and a torn tail unchanged): already read
             try:
                 self._consume(chunk)
                 return
@@ -601,9 +613,11 @@ class Journal:
         self._tail_line = line + 1
         self._line = consumed_line
         self._offset += consumed
+        self._unconsumed = chunk[consumed:]
 
     def _parse_line(self, raw: bytes, line: int) -> dict[str, Any] | None:
         """The record on one complete line; None for a blank or torn-looking line."""
+        self.parsed_lines += 1
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -649,6 +663,22 @@ class Journal:
         """All complete records so far (a torn last line is skipped)."""
         self._catch_up()
         return list(self._records)
+
+    def state(self) -> SearchState:
+        """The search state of all complete records so far, kept between calls.
+
+        Each call reads only the bytes appended since the last one and applies only the new
+        records, so it costs nothing when nothing was appended. The object returned is the
+        same every time, updated in place (callers read it, never modify it). A record that
+        cannot be applied raises :class:`IntegrityError` now and on every later call, as a
+        full :func:`replay` would.
+        """
+        self._catch_up()
+        while self._applied < len(self._records):
+            # apply() changes nothing when it raises, so the next call tries the same record
+            self._state.apply(self._records[self._applied], checked=True)
+            self._applied += 1
+        return self._state
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.records())
@@ -712,9 +742,22 @@ class TrialRecord:
         }
 
 
+_TERMINAL_OF = {
+    TRIAL_FINISHED: FINISHED,
+    TRIAL_FAILED: FAILED,
+    TRIAL_PRUNED: PRUNED,
+    TRIAL_CANCELLED: CANCELLED,
+}
+
+
 @dataclass
 class SearchState:
-    """The whole search as replayed from its journal."""
+    """The whole search as replayed from its journal.
+
+    Built record by record (:meth:`apply`), so a reader that keeps it applies only what is new.
+    It also keeps, outside comparison, the trials still active and the best finished trial
+    each way, so the driver's questions per poll do not walk every trial of a long search.
+    """
 
     spec: dict[str, Any] | None = None
     created_at: float | None = None
@@ -726,6 +769,17 @@ class SearchState:
     drivers: list[dict[str, Any]] = field(default_factory=list)
     driver_jobs: list[dict[str, Any]] = field(default_factory=list)
     last_seq: int = -1
+    # Indexes kept by apply(): the non-terminal trials (in proposal order), the proposal rank
+    # of each trial (ties of best_trial go to the earliest), the best finished trial for
+    # minimize / maximize, and whether a NaN value was seen (best_trial then scans, as before).
+    _active: dict[Any, TrialRecord] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _rank: dict[Any, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _best: dict[str, TrialRecord] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _nan_value: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def n_proposed(self) -> int:
@@ -734,70 +788,82 @@ class SearchState:
 
     def by_state(self, *states: str) -> list[TrialRecord]:
         """Trials currently in any of ``states``, in proposal order."""
-        return [t for t in self.trials.values() if t.state in states]
+        # Active states only (every per-poll question): the active index, not every trial.
+        pool = self._active if ACTIVE_STATES.issuperset(states) else self.trials
+        return [t for t in pool.values() if t.state in states]
 
     @property
     def active(self) -> list[TrialRecord]:
         """Trials not yet in a terminal state."""
-        return self.by_state(*ACTIVE_STATES)
+        return list(self._active.values())
 
     def best_trial(self, direction: str) -> TrialRecord | None:
         """The finished trial with the best value (ties: the earliest)."""
+        if not self._nan_value:
+            return self._best.get("minimize" if direction == "minimize" else "maximize")
+        # A NaN value compares false both ways: keep the plain scan's exact answer.
         done = [t for t in self.trials.values() if t.state == FINISHED and t.value is not None]
         if not done:
             return None
         sign = 1.0 if direction == "minimize" else -1.0
         return min(done, key=lambda t: sign * float(t.value))  # type: ignore[arg-type]
 
+    def apply(
+        self, rec: dict[str, Any], *, position: int | None = None, checked: bool = False
+    ) -> None:
+        """Apply one journal record (records in journal order).
 
-def replay(records: list[dict[str, Any]]) -> SearchState:
-    """Rebuild the search state from journal records (pure; order = journal order)."""
-    st = SearchState()
-    for index, rec in enumerate(records):
-        problem = record_problem(rec, require_seq=False)
-        if problem is not None:
-            where = rec.get("seq", index) if isinstance(rec, dict) else index
-            raise IntegrityError(f"journal record {where}: {problem}")
+        Raises :class:`IntegrityError` for a malformed record (unless ``checked``: the journal
+        reader validated it) or one naming an unknown trial, changing nothing then.
+        ``position``: the record's index, named in the error when it carries no ``seq``.
+        """
+        if not checked:
+            problem = record_problem(rec, require_seq=False)
+            if problem is not None:
+                where = rec.get("seq", position) if isinstance(rec, dict) else position
+                raise IntegrityError(f"journal record {where}: {problem}")
         kind = rec.get("type")
-        st.last_seq = max(st.last_seq, int(rec.get("seq", st.last_seq)))
+        trial: TrialRecord | None = None
+        if kind in TRIAL_RECORD_TYPES and kind != TRIAL_PROPOSED:
+            tid = rec.get("trial")
+            trial = self.trials.get(tid)
+            if trial is None:
+                raise IntegrityError(
+                    f"journal record {rec.get('seq')} ({kind}) names unknown trial {tid!r}"
+                )
+        self.last_seq = max(self.last_seq, int(rec.get("seq", self.last_seq)))
         when = rec.get("time")
         if kind == SEARCH_CREATED:
-            if st.spec is None:
-                st.spec = rec.get("spec")
-                st.created_at = when
-            continue
-        if kind == DRIVER_SUBMITTED:
-            st.driver_jobs.append({k: v for k, v in rec.items() if k not in ("type", "seq")})
-            continue
-        if kind == DRIVER_STARTED:
-            st.drivers.append({k: v for k, v in rec.items() if k not in ("type", "seq")})
-            continue
-        if kind == CANCEL_REQUESTED:
-            st.cancel_requested = True
-            continue
-        if kind == MODEL_PROMOTED:
-            st.promoted = {k: v for k, v in rec.items() if k not in ("type", "seq")}
-            continue
-        if kind == SEARCH_FINISHED:
-            st.finished = True
-            st.best = rec.get("best")
-            continue
-        if kind == TRIAL_PROPOSED:
+            if self.spec is None:
+                self.spec = rec.get("spec")
+                self.created_at = when
+        elif kind == DRIVER_SUBMITTED:
+            self.driver_jobs.append({k: v for k, v in rec.items() if k not in ("type", "seq")})
+        elif kind == DRIVER_STARTED:
+            self.drivers.append({k: v for k, v in rec.items() if k not in ("type", "seq")})
+        elif kind == CANCEL_REQUESTED:
+            self.cancel_requested = True
+        elif kind == MODEL_PROMOTED:
+            self.promoted = {k: v for k, v in rec.items() if k not in ("type", "seq")}
+        elif kind == SEARCH_FINISHED:
+            self.finished = True
+            self.best = rec.get("best")
+        elif kind == TRIAL_PROPOSED:
             tid = rec["trial"]
-            if tid in st.trials:
+            if tid in self.trials:
                 log.warning("journal: trial %s proposed twice; keeping the first", tid)
-                continue
-            st.trials[tid] = TrialRecord(id=tid, params=dict(rec.get("params") or {}))
-            st.trials[tid].proposed_at = when
-            continue
-        tid = rec.get("trial")
-        trial = st.trials.get(tid)
-        if trial is None:
-            raise IntegrityError(
-                f"journal record {rec.get('seq')} ({kind}) names unknown trial {tid!r}"
-            )
-        if trial.terminal:
-            continue  # first terminal record wins
+                return
+            new = TrialRecord(id=tid, params=dict(rec.get("params") or {}))
+            new.proposed_at = when
+            self.trials[tid] = new
+            self._active[tid] = new
+            self._rank[tid] = len(self._rank)
+        elif trial is not None and not trial.terminal:  # first terminal record wins
+            self._apply_to_trial(trial, kind, rec, when)
+
+    def _apply_to_trial(
+        self, trial: TrialRecord, kind: Any, rec: dict[str, Any], when: Any
+    ) -> None:
         if kind == TRIAL_SUBMITTED:
             trial.state = SUBMITTED
             trial.job_id = str(rec["job_id"])
@@ -813,13 +879,8 @@ def replay(records: list[dict[str, Any]]) -> SearchState:
         elif kind == TRIAL_LOST:
             trial.state = LOST
             trial.reason = rec.get("reason")
-        elif kind in (TRIAL_FINISHED, TRIAL_FAILED, TRIAL_PRUNED, TRIAL_CANCELLED):
-            trial.state = {
-                TRIAL_FINISHED: FINISHED,
-                TRIAL_FAILED: FAILED,
-                TRIAL_PRUNED: PRUNED,
-                TRIAL_CANCELLED: CANCELLED,
-            }[kind]
+        elif kind in _TERMINAL_OF:
+            trial.state = _TERMINAL_OF[kind]
             trial.value = rec.get("value")
             trial.reason = rec.get("reason")
             trial.ended_at = rec.get("ended_at", when)
@@ -827,6 +888,35 @@ def replay(records: list[dict[str, Any]]) -> SearchState:
                 trial.started_at = rec["started_at"]
             if kind == TRIAL_PRUNED:
                 trial.pruned_step = rec.get("step")
+            self._active.pop(trial.id, None)
+            if trial.state == FINISHED and trial.value is not None:
+                self._note_finished(trial)
+
+    def _note_finished(self, trial: TrialRecord) -> None:
+        """Update the best trial each way with a newly finished one."""
+        try:
+            value = float(trial.value)  # type: ignore[arg-type]
+        except OverflowError:  # an integer beyond float: let best_trial scan (and say so)
+            value = math.nan
+        if math.isnan(value):
+            self._nan_value = True
+            return
+        rank = self._rank[trial.id]
+        for direction, sign in (("minimize", 1.0), ("maximize", -1.0)):
+            best = self._best.get(direction)
+            if best is None:
+                self._best[direction] = trial
+                continue
+            mine, theirs = sign * value, sign * float(best.value)  # type: ignore[arg-type]
+            if mine < theirs or (mine == theirs and rank < self._rank[best.id]):
+                self._best[direction] = trial
+
+
+def replay(records: list[dict[str, Any]]) -> SearchState:
+    """Rebuild the search state from journal records (pure; order = journal order)."""
+    st = SearchState()
+    for index, rec in enumerate(records):
+        st.apply(rec, position=index)
     return st
 
 
