@@ -12,6 +12,9 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
+
+from aimass_hpc.common.slurm_cli import restart_count_from_env
 
 # Ports derived from the job id fall in [PORT_BASE, PORT_BASE + PORT_SPAN).
 PORT_BASE = 20000
@@ -71,10 +74,10 @@ class WorldInfo:
         """Build from ``env`` (default ``os.environ``); see the module docstring for order."""
         env = os.environ if env is None else env
         job_id = env.get("SLURM_JOB_ID") or None
-        restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
+        restarts = restart_count_from_env(env)
         addr = env.get("MASTER_ADDR") or "127.0.0.1"
         port = int(env.get("MASTER_PORT") or port_for_job(job_id))
-        common = {
+        common: dict[str, Any] = {
             "master_addr": addr,
             "master_port": port,
             "job_id": job_id,

@@ -14,13 +14,15 @@ puts the job back in the queue, ``scancel`` ends it), so we only checkpoint.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from aimass_hpc.common import slurm_cli
+from aimass_hpc.common.errors import AimassError, InputError, NotFoundError
 
 DEFAULT_SIGNALS: tuple[str, ...] = ("USR1", "TERM")
 
@@ -36,19 +38,7 @@ def _handler(signum: int, frame: object) -> None:
 
 def parse_signal(name: str | int) -> int:
     """Turn ``"USR1"``, ``"SIGUSR1"``, ``"B:USR1"`` or ``10`` into a signal number."""
-    if isinstance(name, int):
-        return int(signal.Signals(name))
-    text = str(name).strip().upper()
-    if text.startswith("B:"):
-        text = text[2:]
-    if text.isdigit():
-        return int(signal.Signals(int(text)))
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    try:
-        return int(signal.Signals[text])
-    except KeyError:
-        raise ValueError(f"unknown signal {name!r}") from None
+    return slurm_cli.parse_signal(name)
 
 
 def install(signals: Iterable[str | int] = DEFAULT_SIGNALS) -> list[int]:
@@ -85,7 +75,7 @@ def requested() -> bool:
 
 def received() -> list[str]:
     """Names of the signals received so far, in order."""
-    return [signal.Signals(num).name for num, _ in _received]
+    return [slurm_cli.signal_name(num) for num, _ in _received]
 
 
 def reset() -> None:
@@ -121,13 +111,10 @@ class RequeueTarget:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RequeueTarget:
         """The array-aware Slurm job id (``ARRAYJOB_TASK`` inside an array) from the env."""
-        env = os.environ if env is None else env
-        array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-        if array_job and array_task:
-            job_id: str | None = f"{array_job}_{array_task}"
-        else:
-            job_id = env.get("SLURM_JOB_ID") or None
-        return cls(job_id=job_id, restart_count=int(env.get("SLURM_RESTART_COUNT") or 0))
+        return cls(
+            job_id=slurm_cli.job_ref_from_env(env),
+            restart_count=slurm_cli.restart_count_from_env(env),
+        )
 
 
 @dataclass(frozen=True)
@@ -158,19 +145,16 @@ def requeue(
     last = ""
     for attempt in range(attempts):
         try:
-            proc = subprocess.run(
-                [scontrol, "requeue", target.job_id],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
+            slurm_cli.scontrol_requeue(target.job_id, scontrol=scontrol, timeout=60)
+        except (InputError, NotFoundError) as exc:
+            last = str(exc)
+            break  # not an id, or one the controller does not know: asking again won't help
+        except AimassError as exc:
             last = str(exc)
         else:
-            if proc.returncode == 0:
-                return RequeueOutcome(True, f"requeued job {target.job_id}")
-            last = (proc.stderr or proc.stdout).strip()
-        time.sleep(1.0 + attempt)
+            return RequeueOutcome(True, f"requeued job {target.job_id}")
+        if attempt + 1 < attempts:
+            time.sleep(1.0 + attempt)
     print(f"aimass: scontrol requeue {target.job_id} failed: {last}", file=sys.stderr)
     return RequeueOutcome(False, f"scontrol requeue failed: {last}")
 

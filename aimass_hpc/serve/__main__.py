@@ -25,6 +25,7 @@ non-zero without being told to stop) is started again, at most ``restarts`` time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from aimass_hpc.common.errors import AimassError
+from aimass_hpc.common.slurm_cli import digits_or_none, parse_signal
 
 DEFAULTS: dict[str, Any] = {
     "host": "auto",
@@ -134,8 +136,9 @@ def _env_options(env: dict[str, str]) -> dict[str, Any]:
         out["port_range"] = (int(env["AIMASS_PORT_MIN"]), int(env["AIMASS_PORT_MAX"]))
     if env.get("AIMASS_PREEMPT_SIGNAL"):
         out["warning_signal"] = env["AIMASS_PREEMPT_SIGNAL"]
-    if env.get("AIMASS_MAX_RESTARTS", "").isdigit():
-        out["restarts"] = int(env["AIMASS_MAX_RESTARTS"])
+    restarts = digits_or_none(env.get("AIMASS_MAX_RESTARTS"))
+    if restarts is not None:
+        out["restarts"] = restarts
     return out
 
 
@@ -179,11 +182,11 @@ def make_loader(opts: dict[str, Any]) -> tuple[str, Callable[[], Any]]:
     return ref, lambda: model_loader.load_from_repository(repo, ref, device=device)
 
 
-def supervise(argv: list[str], restarts: int) -> int:
+def supervise(argv: list[str], restarts: int, warning_signal: str | int = "USR1") -> int:
     """Run the replica as a child; restart it after a crash, at most ``restarts`` times.
 
-    Signals are passed on to the child. A child that exits 0 (drained), or any exit after
-    this process was told to stop, ends the supervision.
+    Signals are passed on to the child, the site's ``warning_signal`` among them. A child that
+    exits 0 (drained), or any exit after this process was told to stop, ends the supervision.
     """
     stop = {"asked": False}
     child: subprocess.Popen[bytes] | None = None
@@ -194,8 +197,13 @@ def supervise(argv: list[str], restarts: int) -> int:
         if child is not None and child.poll() is None:
             child.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, forward)
+    forwarded: set[int] = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
+    # A site may warn with HUP, ALRM, ...: left at its default, that would end this process.
+    with contextlib.suppress(ValueError):
+        forwarded.add(parse_signal(warning_signal))
+    for sig in forwarded:
+        with contextlib.suppress(OSError):  # SIGKILL/SIGSTOP cannot be caught: nothing to pass
+            signal.signal(sig, forward)
     attempt = 0
     while True:
         argv_child = [sys.executable, "-m", "aimass_hpc.serve", *argv, "--restarts", "0"]
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     opts = resolve_options(args)
     if int(opts["restarts"]) > 0:
-        return supervise(argv, int(opts["restarts"]))
+        return supervise(argv, int(opts["restarts"]), str(opts["warning_signal"]))
     logging.basicConfig(
         level=getattr(logging, str(opts["log_level"]).upper(), logging.WARNING),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

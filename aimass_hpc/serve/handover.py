@@ -11,8 +11,9 @@ limit (``#SBATCH --signal``). On it the replica
    spent), and only then drains.
 
 Clients therefore always have a READY replica to go to, and the endpoint never disappears.
-This runs on the compute node, so it calls ``sbatch`` directly (runtime code imports nothing
-from the login-node side); the replacement chain continues as long as the service does.
+This runs on the compute node, so it calls ``sbatch`` directly through
+:mod:`aimass_hpc.common.slurm_cli` (job-side code imports nothing from the login-node side);
+the replacement chain continues as long as the service does.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import subprocess
 import time
 from typing import TYPE_CHECKING
 
+from aimass_hpc.common import slurm_cli
+from aimass_hpc.common.errors import AimassError, SchedulerError
 from aimass_hpc.serve.endpoints import EndpointRecord, EndpointState, read_records, write_record
 
 if TYPE_CHECKING:
@@ -35,33 +37,18 @@ log = logging.getLogger("aimass.serve")
 DRAIN_RESERVE_S = 8.0
 
 
-def submission_env() -> dict[str, str]:
-    """Our environment minus this job's SLURM_/SBATCH_ settings (SLURM_CONF kept).
-
-    sbatch inside a job would otherwise copy the running allocation's settings into the new
-    job.
-    """
-    env = dict(os.environ)
-    for key in list(env):
-        if key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and key != "SLURM_CONF":
-            del env[key]
-    return env
-
-
 def submit_replacement(run_dir: str, array_task: str | None) -> str:
-    """Queue the run directory's ``job.sh`` again; returns the job ref (``ID`` or ``ID_TASK``)."""
-    argv = ["sbatch", "--parsable"]
-    if array_task is not None:
-        argv.append(f"--array={array_task}")
-    argv.append(os.path.join(run_dir, "job.sh"))
-    proc = subprocess.run(
-        argv, cwd=run_dir, env=submission_env(), capture_output=True, text=True, timeout=120
-    )
+    """Queue the run directory's ``job.sh`` again; returns the job ref (``ID`` or ``ID_TASK``).
+
+    ``SchedulerError`` when sbatch is missing, silent, refuses, or prints no job id.
+    """
+    options = [f"--array={array_task}"] if array_task is not None else []
+    argv = slurm_cli.sbatch_parsable_argv(os.path.join(run_dir, "job.sh"), options)
+    # Scrubbed environment: sbatch must not copy this job's allocation into the replacement.
+    proc = slurm_cli.run_command(argv, cwd=run_dir, env=slurm_cli.submission_env(), timeout=120)
     if proc.returncode != 0:
-        raise RuntimeError(f"sbatch refused the replacement: {proc.stderr.strip()[:300]}")
-    job_id = proc.stdout.strip().splitlines()[-1].split(";")[0].strip()
-    if not (job_id.isascii() and job_id.isdigit()):
-        raise RuntimeError(f"sbatch printed no job id: {proc.stdout.strip()!r}")
+        raise SchedulerError(f"sbatch refused the replacement: {proc.stderr.strip()[:300]}")
+    job_id = slurm_cli.parse_sbatch_parsable(proc.stdout).job_id
     return f"{job_id}_{array_task}" if array_task is not None else job_id
 
 
@@ -73,7 +60,7 @@ async def handover_on_warning(replica: Replica) -> None:
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     try:
         new_ref = await asyncio.to_thread(submit_replacement, rec.run_dir, task)
-    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+    except (OSError, AimassError) as exc:
         log.error("handover: %s", exc)
         write_record(rec, message=f"handover failed: {exc}")
         return

@@ -18,7 +18,24 @@ from pathlib import Path
 from typing import Any
 
 from aimass_hpc.common.errors import NotFoundError, SchedulerError
+from aimass_hpc.common.slurm_cli import submission_env
 from aimass_hpc.common.slurm_states import JobState
+
+# ``submission_env`` (the environment for a command run from inside a job) lives in
+# common.slurm_cli, shared with the job side; re-exported here for the backends and the CLI.
+__all__ = [
+    "LOOKUP_FAILED",
+    "AccountingUnavailable",
+    "CommandRunner",
+    "CommandTimeout",
+    "CountingRunner",
+    "JobStatus",
+    "Scheduler",
+    "WaitTimeout",
+    "check_answered",
+    "script_dir",
+    "submission_env",
+]
 
 # ``JobStatus.source`` of a job the controller no longer lists and whose accounting lookup
 # failed (slurmdbd down, or no accounting at all): it may have run, nobody can say how it ended.
@@ -130,22 +147,6 @@ class WaitTimeout(SchedulerError):
     def __init__(self, message: str, statuses: dict[str, JobStatus]) -> None:
         super().__init__(message)
         self.statuses = statuses
-
-
-def submission_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a submit command: ours, minus a surrounding job's SLURM_/SBATCH_ vars.
-
-    Inside a job (SLURM_JOB_ID set) sbatch would otherwise copy the parent's allocation
-    settings (SLURM_NTASKS, SBATCH_*...) into the new job. SLURM_CONF says which cluster to talk
-    to and is kept.
-    """
-    env = dict(os.environ)
-    if "SLURM_JOB_ID" in env or "SLURM_JOBID" in env:
-        for key in list(env):
-            if key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and key != "SLURM_CONF":
-                del env[key]
-    env.update(extra or {})
-    return env
 
 
 def check_answered(statuses: Mapping[str, JobStatus]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError
 from aimass_hpc.common.fsutil import atomic_write_json, read_json
+from aimass_hpc.common.slurm_cli import digits_or_none, is_job_id
 from aimass_hpc.common.slurm_states import JobState
 from aimass_hpc.config.job_spec import sbatch_options
 from aimass_hpc.launch.scheduler.base import CommandRunner, JobStatus, Scheduler, submission_env
@@ -34,8 +35,10 @@ _children: list[subprocess.Popen[bytes]] = []  # reaped on each status() so none
 
 
 def _gpu_count(options: dict[str, str]) -> int:
+    """GPUs per node from ``--gpus-per-node=[TYPE:]N`` or ``--gres=gpu[:TYPE]:N`` (else 0)."""
     value = options.get("--gpus-per-node") or options.get("--gres") or ""
-    match = re.search(r"(\d+)$", value)
+    # [0-9] and fullmatch: \d takes any Unicode digit, and $ would let a trailing newline in.
+    match = re.fullmatch(r"(?:.*[^0-9])?([0-9]+)", value)
     return int(match.group(1)) if match else 0
 
 
@@ -75,7 +78,7 @@ class LocalScheduler(Scheduler):
             fcntl.flock(fh, fcntl.LOCK_EX)
             fh.seek(0)
             text = fh.read().strip()
-            job_id = int(text) if text.isdigit() else 1
+            job_id = digits_or_none(text) or 1
             fh.seek(0)
             fh.truncate()
             fh.write(f"{job_id + 1}\n")
@@ -164,6 +167,8 @@ class LocalScheduler(Scheduler):
     # ------------------------------------------------------------------ status
 
     def _record(self, job_id: str) -> dict[str, Any] | None:
+        if not is_job_id(job_id):  # ours are plain numbers; anything else is no file name
+            return None
         try:
             return read_json(self.state_dir / f"{job_id}.json")
         except (FileNotFoundError, json.JSONDecodeError):
@@ -185,7 +190,7 @@ class LocalScheduler(Scheduler):
             started = float(record.get("started_at", time.time()))
             if exit_file.exists():
                 code_text = exit_file.read_text().strip()
-                code = int(code_text) if code_text.lstrip("-").isdigit() else None
+                code = digits_or_none(code_text)  # the wrapper writes bash's $? (0-255)
                 ended = exit_file.stat().st_mtime
                 if cancelled:
                     state = JobState.CANCELLED

@@ -1,6 +1,7 @@
 """Slurm through its command-line tools, with explicit, stable output formats.
 
-* ``sbatch --parsable`` prints ``JOBID[;CLUSTER]``.
+* ``sbatch --parsable`` prints ``JOBID[;CLUSTER]``; :mod:`aimass_hpc.common.slurm_cli` reads it
+  (and builds the ``scontrol requeue`` call), shared with the job side.
 * ``status`` makes ONE ``squeue --user=ME --states=all --array -O ...`` call for any number of jobs
   (no ``-j``: in 22.05 one unknown id there fails the whole query) and falls back to one
   ``sacct -X --parsable2`` call for the ids the controller has already forgotten (older than
@@ -23,7 +24,16 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError, SchedulerError
+from aimass_hpc.common.errors import InputError, SchedulerError
+from aimass_hpc.common.slurm_cli import (
+    digits_or_none,
+    error_line,
+    is_job_ref,
+    parse_sbatch_parsable,
+    sbatch_parsable_argv,
+    scontrol_requeue,
+    submission_env,
+)
 from aimass_hpc.common.slurm_states import JobState, aggregate_state, normalize_state
 from aimass_hpc.common.timelimit import parse_elapsed
 from aimass_hpc.launch.scheduler.base import (
@@ -33,7 +43,6 @@ from aimass_hpc.launch.scheduler.base import (
     JobStatus,
     Scheduler,
     check_answered,
-    submission_env,
 )
 
 # Name goes last: it is the only field that can contain the separator.
@@ -59,7 +68,6 @@ SACCT_FIELDS = (
     "Reason",
     "JobName",
 )
-_JOB_ID_RE = re.compile(r"^\d+(?:_\d+)?$")
 SBATCH_TIMEOUT_ENV = "AIMASS_SBATCH_TIMEOUT"
 SBATCH_TIMEOUT_DEFAULT = 60.0
 
@@ -116,11 +124,6 @@ def _output_override(run_dir: str | os.PathLike[str]) -> list[str]:
     return [f"--output={escaped}/logs/slurm-batch.out"]
 
 
-def _error_line(proc_stderr: str, proc_stdout: str = "") -> str:
-    lines = [ln.strip() for ln in (proc_stderr or proc_stdout).splitlines() if ln.strip()]
-    return lines[-1] if lines else "no output"
-
-
 def _aggregate(job_id: str, tasks: list[JobStatus], source: str) -> JobStatus:
     """One status for an array job from its tasks' statuses."""
     state = aggregate_state([t.state for t in tasks])
@@ -165,20 +168,13 @@ class SlurmScheduler(Scheduler):
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> str:
-        argv = [
-            "sbatch",
-            "--parsable",
-            *extra_args,
-            *_output_override(run_dir),
-            str(Path(script_path).resolve()),
-        ]
+        argv = sbatch_parsable_argv(
+            str(Path(script_path).resolve()), [*extra_args, *_output_override(run_dir)]
+        )
         proc = self.runner(argv, env=submission_env(env), cwd=run_dir, timeout=sbatch_timeout())
         if proc.returncode != 0:
-            raise SchedulerError(f"sbatch refused the job: {_error_line(proc.stderr, proc.stdout)}")
-        job_id = proc.stdout.strip().splitlines()[-1].split(";")[0].strip() if proc.stdout else ""
-        if not job_id.isdigit():
-            raise SchedulerError(f"sbatch printed no job id: {proc.stdout.strip()!r}")
-        return job_id
+            raise SchedulerError(f"sbatch refused the job: {error_line(proc.stderr, proc.stdout)}")
+        return parse_sbatch_parsable(proc.stdout).job_id
 
     def test_submit(
         self, script_path: str | os.PathLike[str], *, run_dir: str | os.PathLike[str]
@@ -186,7 +182,7 @@ class SlurmScheduler(Scheduler):
         """``sbatch --test-only``: the controller validates the script without queueing it."""
         argv = ["sbatch", "--test-only", str(Path(script_path).resolve())]
         proc = self.runner(argv, env=submission_env(), cwd=run_dir)
-        message = _error_line(proc.stderr, proc.stdout)
+        message = error_line(proc.stderr, proc.stdout)
         if proc.returncode != 0:
             raise SchedulerError(f"sbatch --test-only refused the script: {message}")
         return message
@@ -230,7 +226,7 @@ class SlurmScheduler(Scheduler):
         ]
         proc = self.runner(argv, env=submission_env())
         if proc.returncode != 0:
-            raise SchedulerError(f"squeue failed: {_error_line(proc.stderr, proc.stdout)}")
+            raise SchedulerError(f"squeue failed: {error_line(proc.stderr, proc.stdout)}")
         rows: list[JobStatus] = []
         for line in proc.stdout.splitlines():
             parts = line.split("|", len(SQUEUE_FIELDS) - 1)
@@ -247,7 +243,7 @@ class SlurmScheduler(Scheduler):
                     nodes=nodes.strip(),
                     reason="" if reason.strip() == "None" else reason.strip(),
                     exit_code=_wait_status_to_exit(exit_raw.strip()),
-                    restart_count=int(restarts) if restarts.strip().isdigit() else 0,
+                    restart_count=digits_or_none(restarts) or 0,
                     source="squeue",
                     raw_state=state.strip(),
                 )
@@ -266,7 +262,7 @@ class SlurmScheduler(Scheduler):
         argv = ["squeue", f"--user={user}", "--states=all", "--noheader", "-o", "%i|%o"]
         proc = self.runner(argv, env=submission_env())
         if proc.returncode != 0:
-            raise SchedulerError(f"squeue failed: {_error_line(proc.stderr, proc.stdout)}")
+            raise SchedulerError(f"squeue failed: {error_line(proc.stderr, proc.stdout)}")
         wanted = Path(run_dir).resolve()
         found: list[str] = []
         for line in proc.stdout.splitlines():
@@ -297,9 +293,7 @@ class SlurmScheduler(Scheduler):
         proc = self.runner(argv, env=submission_env())
         if proc.returncode != 0:
             if strict:
-                raise AccountingUnavailable(
-                    f"sacct failed: {_error_line(proc.stderr, proc.stdout)}"
-                )
+                raise AccountingUnavailable(f"sacct failed: {error_line(proc.stderr, proc.stdout)}")
             return []  # accounting disabled or slurmdbd down: nothing more to learn
         found: list[str] = []
         for line in proc.stdout.splitlines():
@@ -314,7 +308,7 @@ class SlurmScheduler(Scheduler):
         When sacct itself fails every asked id gets a ``LOOKUP_FAILED`` status carrying the
         error, never silence: such a job may have run, and only accounting could say how.
         """
-        wanted = [i for i in ids if _JOB_ID_RE.match(i)]
+        wanted = [i for i in ids if is_job_ref(i)]
         if not wanted:
             return {}
         argv = [
@@ -327,7 +321,7 @@ class SlurmScheduler(Scheduler):
         ]
         proc = self.runner(argv, env=submission_env())
         if proc.returncode != 0:
-            reason = f"sacct failed: {_error_line(proc.stderr, proc.stdout)}"
+            reason = f"sacct failed: {error_line(proc.stderr, proc.stdout)}"
             return {
                 job_id: JobStatus(job_id, "", JobState.UNKNOWN, reason=reason, source=LOOKUP_FAILED)
                 for job_id in wanted
@@ -376,16 +370,12 @@ class SlurmScheduler(Scheduler):
         if active:
             proc = self.runner(["scancel", *active], env=submission_env())
             if proc.returncode != 0:
-                raise SchedulerError(f"scancel failed: {_error_line(proc.stderr, proc.stdout)}")
+                raise SchedulerError(f"scancel failed: {error_line(proc.stderr, proc.stdout)}")
         return active
 
     def requeue(self, job_id: str) -> None:
-        proc = self.runner(["scontrol", "requeue", str(job_id)], env=submission_env())
-        if proc.returncode != 0:
-            message = _error_line(proc.stderr, proc.stdout)
-            if "Invalid job id" in message:
-                raise NotFoundError(f"unknown job id: {job_id}")
-            raise ConflictError(f"cannot requeue job {job_id}: {message}")
+        """``scontrol requeue``: NotFoundError for an unknown id, ConflictError when refused."""
+        scontrol_requeue(str(job_id), run=self.runner, env=submission_env())
 
 
 def _add_base_id(found: list[str], job_id: str) -> None:
