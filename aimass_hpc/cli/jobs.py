@@ -16,6 +16,7 @@ from rich.text import Text
 from aimass_hpc.cli._options import site_option
 from aimass_hpc.cli._output import echo_dry_run, echo_script, echo_submit_note
 from aimass_hpc.common.errors import InputError, NotFoundError
+from aimass_hpc.common.slurm_cli import is_job_ref
 from aimass_hpc.common.timelimit import format_elapsed
 from aimass_hpc.config.site import Site, load_site
 from aimass_hpc.launch.runs import RunDir, find_run, list_runs
@@ -157,7 +158,7 @@ def _resolve_refs(site_obj: Site, refs: tuple[str, ...]) -> tuple[list[str], dic
     ids: list[str] = []
     runs: dict[str, RunDir] = {}
     for ref in refs:
-        if ref.replace("_", "").isdigit():
+        if is_job_ref(ref):
             ids.append(ref)
             with contextlib.suppress(NotFoundError):
                 runs[ref] = find_run(ref, site_obj.runs_root)

@@ -54,6 +54,7 @@ from typing import Any
 
 from aimass_hpc.common import fsutil
 from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError, SchedulerError
+from aimass_hpc.common.slurm_cli import parse_signal, signal_name
 from aimass_hpc.config.job_spec import JobRequest
 from aimass_hpc.config.search_spec import (
     SearchSpec,
@@ -905,11 +906,11 @@ class SearchDriver:
 
     def _install_signals(self) -> dict[int, Any]:
         previous: dict[int, Any] = {}
-        names = {"TERM", "INT", "HUP", self.site.preemption.signal.upper()}
-        for name in names:
-            sig = getattr(signal, f"SIG{name}", None)
-            if sig is None:
-                continue
+        numbers: set[int] = set()
+        for name in ("TERM", "INT", "HUP", self.site.preemption.signal):
+            with contextlib.suppress(ValueError):  # a signal this host does not have
+                numbers.add(parse_signal(name))
+        for sig in numbers:
             try:
                 previous[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread (tests running the driver in a thread)
@@ -922,12 +923,15 @@ class SearchDriver:
                 signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._stop_signal = signal.Signals(signum).name
+        self._stop_signal = signal_name(signum)
 
     def _maybe_requeue_self(self) -> None:
         """Detached driver warned of its time limit: requeue its own job (it resumes)."""
         job_id = os.environ.get("SLURM_JOB_ID")
-        warn = f"SIG{self.site.preemption.signal.upper()}"
+        try:
+            warn: str | None = signal_name(parse_signal(self.site.preemption.signal))
+        except ValueError:
+            warn = None
         if job_id and self._stop_signal == warn and os.environ.get("AIMASS_SEARCH_DRIVER"):
             self.lock.release()
             try:

@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from aimass_hpc.common.slurm_cli import job_ref_from_env, parse_signal
 from aimass_hpc.serve.app import Phase, ServeConfig, ServiceState, create_app
 from aimass_hpc.serve.auth import ensure_token, token_path
 from aimass_hpc.serve.batching import DynamicBatcher
@@ -48,13 +49,8 @@ WARNING_SIGNAL = signal.SIGUSR1  # the default; the site's preemption.signal in 
 
 
 def signal_number(name: str | int | None) -> int:
-    """``USR1`` / ``SIGUSR1`` / ``10`` -> the signal number (default SIGUSR1)."""
-    if name is None or name == "":
-        return int(WARNING_SIGNAL)
-    if isinstance(name, int) or str(name).isdigit():
-        return int(name)
-    text = str(name).upper()
-    return int(getattr(signal, text if text.startswith("SIG") else f"SIG{text}"))
+    """``USR1`` / ``SIGUSR1`` / ``B:USR1`` / ``10`` -> the signal number (default SIGUSR1)."""
+    return int(WARNING_SIGNAL) if name is None or name == "" else parse_signal(name)
 
 
 class _Server(uvicorn.Server):
@@ -90,13 +86,8 @@ def job_identity(opts: ReplicaOptions) -> tuple[str, int, str]:
     and squeue accept -- and the replica index is the task id.
     """
     env = os.environ
-    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-    if opts.job_id:
-        job_id = opts.job_id
-    elif array_job and array_task:
-        job_id = f"{array_job}_{array_task}"
-    else:
-        job_id = env.get("SLURM_JOB_ID") or f"local-{os.getpid()}"
+    array_task = env.get("SLURM_ARRAY_TASK_ID")
+    job_id = opts.job_id or job_ref_from_env(env) or f"local-{os.getpid()}"
     if opts.replica is not None:
         replica = opts.replica
     elif array_task:
