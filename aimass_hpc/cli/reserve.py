@@ -1,79 +1,30 @@
 """``aimass reserve create|list|delete``: Slurm reservations for serving (site admins).
 
-A thin wrapper over ``scontrol create|show|delete reservation``. Creating and deleting need
-Slurm operator/admin rights; without them the command says so in one line instead of
-passing on scontrol's message. Serve jobs use a reservation with
-``aimass serve --reservation NAME`` or the site's ``serving.default_reservation``.
+A thin wrapper over ``scontrol create|show|delete reservation``; the work is in
+``aimass_hpc.launch.reservations``. Creating and deleting need Slurm operator/admin rights;
+without them the command says so in one line instead of passing on scontrol's message. Serve
+jobs use a reservation with ``aimass serve --reservation NAME`` or the site's
+``serving.default_reservation``.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from aimass_hpc.cli._options import site_option
-from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError, SchedulerError
-from aimass_hpc.common.names import RESERVATION_NAME, check_scontrol_value
+from aimass_hpc.launch import reservations as R
 
-_DENIED = ("access/permission denied", "invalid user id", "user is not authorized",
-           "permission denied", "only slurmuser or root")  # fmt: skip
-
-
-def explain_failure(action: str, name: str, message: str) -> Exception:
-    """The one-line error for a failed scontrol call (admin rights, unknown name, ...)."""
-    text = message.strip().splitlines()[-1] if message.strip() else "no output"
-    low = text.lower()
-    if any(word in low for word in _DENIED):
-        return ConflictError(
-            f"{action} reservation {name!r} needs Slurm operator or admin rights "
-            f"(scontrol: {text}); ask your site admins"
-        )
-    if "invalid" in low and action == "delete":
-        return NotFoundError(f"no reservation {name!r} (scontrol: {text})")
-    if "overlaps" in low or "duplicate" in low:
-        return ConflictError(f"reservation {name!r}: {text}")
-    return SchedulerError(f"scontrol {action} reservation {name!r} failed: {text}")
-
-
-def _scontrol(args: list[str]) -> subprocess.CompletedProcess[str]:
-    from aimass_hpc.launch.scheduler import submission_env
-
-    try:
-        return subprocess.run(
-            ["scontrol", *args], capture_output=True, text=True, timeout=60,
-            env=submission_env(),
-        )  # fmt: skip
-    except FileNotFoundError:
-        raise SchedulerError("scontrol: command not found (is Slurm installed here?)") from None
-    except subprocess.TimeoutExpired:
-        raise SchedulerError("scontrol did not answer within 60s") from None
-
-
-def parse_reservations(text: str) -> list[dict[str, str]]:
-    """``scontrol show reservation -o`` lines -> one dict per reservation."""
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("ReservationName="):
-            continue
-        fields: dict[str, str] = {}
-        for item in line.split():
-            key, sep, value = item.partition("=")
-            if sep:
-                fields[key] = value
-        out.append(fields)
-    return out
-
-
-def _check(option: str, value: str | None) -> str | None:
-    """``value`` when it may follow ``key=`` on scontrol's line (whole-string match)."""
-    return None if value is None else check_scontrol_value(value, option)
+# Re-exported: tests and scripts import these from here.
+from aimass_hpc.launch.reservations import (  # noqa: F401
+    explain_failure,
+    parse_reservations,
+    reservation_names,
+)
 
 
 @click.group()
@@ -120,64 +71,33 @@ def create(
     With --site, the partition defaults to the site's serving partition (its
     serving.partition), where `aimass serve` jobs run.
     """
-    import getpass
-
-    RESERVATION_NAME.check(name, "NAME")
-    if site_ref is not None and partition is None:
-        partition = _serving_partition(site_ref)
-    if not nodes and not node_count:
-        raise InputError("give --nodes LIST or --node-count N")
-    if not users and not accounts:
-        users = getpass.getuser()
-    args = [
-        "create",
-        "reservation",
-        f"reservationname={name}",
-        f"starttime={_check('--start', start)}",
-        f"duration={_check('--duration', duration)}",
-    ]
-    for key, value in (
-        ("nodes", nodes),
-        ("nodecnt", node_count),
-        ("partitionname", partition),
-        ("users", users),
-        ("accounts", accounts),
-        ("flags", flags),
-    ):
-        if value is not None:
-            args.append(f"{key}={_check('--' + key, str(value))}")  # fmt: skip
+    argv = R.create_argv(
+        name,
+        nodes=nodes,
+        node_count=node_count,
+        partition=partition,
+        site_ref=site_ref,
+        duration=duration,
+        start=start,
+        users=users,
+        accounts=accounts,
+        flags=flags,
+    )
     if dry_run:
-        click.echo(shlex.join(["scontrol", *args]))
+        click.echo(shlex.join(argv))
         return
-    proc = _scontrol(args)
-    if proc.returncode != 0:
-        raise explain_failure("create", name, proc.stderr or proc.stdout)
-    shown = parse_reservations(_scontrol(["show", "reservation", name, "-o"]).stdout)
+    shown = R.create_reservation(name, argv)
     if as_json:
-        click.echo(json.dumps(shown[0] if shown else {"ReservationName": name}, indent=2))
+        click.echo(json.dumps(shown, indent=2))
     else:
-        where = shown[0].get("Nodes", "?") if shown else "?"
-        click.echo(f"reservation {name} created: nodes {where}")
-
-
-def _serving_partition(site_ref: str) -> str | None:
-    """The partition serve jobs of site ``site_ref`` use (None: Slurm's default)."""
-    from aimass_hpc.config.site import load_site
-
-    site = load_site(site_ref)
-    if site.scheduler != "slurm":
-        raise InputError(f"site {site.name} runs jobs without Slurm: it has no reservations")
-    return site.serving.partition
+        click.echo(f"reservation {name} created: nodes {shown.get('Nodes', '?')}")
 
 
 @reserve.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_(as_json: bool) -> None:
     """List reservations (wraps `scontrol show reservation`)."""
-    proc = _scontrol(["show", "reservation", "-o"])
-    if proc.returncode != 0:
-        raise explain_failure("show", "*", proc.stderr or proc.stdout)
-    rows = parse_reservations(proc.stdout)
+    rows = R.list_reservations()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -185,7 +105,7 @@ def list_(as_json: bool) -> None:
         click.echo("no reservations")
         return
     table = Table(title="reservations")
-    cols = ("ReservationName", "State", "Nodes", "StartTime", "EndTime", "Users", "Flags")
+    cols = R.LIST_COLUMNS
     for col in cols:
         table.add_column(col.replace("ReservationName", "name"))
     for row in rows:
@@ -197,13 +117,5 @@ def list_(as_json: bool) -> None:
 @click.argument("name")
 def delete(name: str) -> None:
     """Delete reservation NAME (wraps `scontrol delete reservation`)."""
-    RESERVATION_NAME.check(name, "NAME")
-    proc = _scontrol(["delete", f"reservationname={name}"])
-    if proc.returncode != 0:
-        raise explain_failure("delete", name, proc.stderr or proc.stdout)
+    R.delete_reservation(name)
     click.echo(f"reservation {name} deleted")
-
-
-def reservation_names(rows: list[dict[str, Any]]) -> list[str]:
-    """Names in a parsed listing (for tests and scripts)."""
-    return [r["ReservationName"] for r in rows]

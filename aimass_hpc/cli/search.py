@@ -1,16 +1,14 @@
 """``aimass search``: hyperparameter search with every trial a batch job.
 
-Thin: parsing, printing and the choice of mode; the work is in ``aimass_hpc.launch.search_driver``.
+Thin: parsing, printing and the choice of mode; the work is in
+``aimass_hpc.launch.search_launch`` (and the driver in ``aimass_hpc.launch.search_driver``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import click
@@ -19,8 +17,6 @@ from rich.table import Table
 
 from aimass_hpc.cli._options import site_option
 from aimass_hpc.cli._output import echo_script
-from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError
-from aimass_hpc.common.fsutil import os_error, shown_path
 from aimass_hpc.launch import journal as J
 
 _SEARCH_HELP = """Hyperparameter search: each trial is a batch job.
@@ -75,48 +71,10 @@ def _echo_events(to_stderr: bool) -> Any:
 
 
 def _open(directory: str, site_ref: str | None = None) -> Any:
-    """The search directory DIR; a path the OS cannot even look up is a one-line error.
+    """The search directory DIR (with --site, maybe a search's name under that site)."""
+    from aimass_hpc.launch.search_launch import open_search
 
-    With --site, a DIR that is not a search directory may name one under the site's
-    ``<runs root>/searches``: a directory there, or the newest search of that spec name.
-    """
-    from aimass_hpc.launch.search_driver import SearchDir
-
-    try:
-        try:
-            return SearchDir.open(directory)
-        except NotFoundError:
-            if site_ref is None or not _is_plain_name(directory):
-                raise
-            return SearchDir.open(_search_under_site(directory, site_ref))
-    except OSError as exc:
-        raise os_error(exc, f"search directory {shown_path(directory)}") from None
-    except ValueError:  # a NUL in the path
-        raise InputError(f"search directory {directory!r}: not a valid path") from None
-
-
-def _is_plain_name(text: str) -> bool:
-    """A name, not a path: no separator, not ``.``/``..``, nothing a glob would read."""
-    return bool(text) and text not in (".", "..") and not any(c in text for c in "/\\*?[]\0")
-
-
-def _search_under_site(name: str, site_ref: str) -> Path:
-    """``<runs root>/searches/NAME``, else the newest ``<time>-NAME-<id>`` there."""
-    import re
-
-    from aimass_hpc.launch.search_driver import SEARCHES_DIR
-
-    root = _site(site_ref).runs_root / SEARCHES_DIR
-    exact = root / name
-    if exact.is_dir():
-        return exact
-    # create_search names directories <YYYYmmdd-HHMMSS>-<spec name>-<hex id>: sorting by name
-    # is sorting by time.
-    pattern = re.compile(rf"[0-9]{{8}}-[0-9]{{6}}-{re.escape(name)}-[0-9a-f]+")
-    found = sorted(p for p in root.glob(f"*-{name}-*") if pattern.fullmatch(p.name))
-    if not found:
-        raise NotFoundError(f"no search {name!r} under {shown_path(root)}")
-    return found[-1]
+    return open_search(directory, site_ref)
 
 
 def _read_state(sdir: Any) -> J.SearchState:
@@ -124,32 +82,14 @@ def _read_state(sdir: Any) -> J.SearchState:
 
     A damaged journal raises IntegrityError naming the file and line (exit 6).
     """
-    journal = sdir.journal()
-    state = J.replay(journal.records())
-    notes = journal.notes()
+    from aimass_hpc.launch.search_launch import read_state
+
+    state, notes = read_state(sdir)
     for note in notes[:3]:
         click.echo(f"aimass: warning: {note}", err=True)
     if len(notes) > 3:
         click.echo(f"aimass: warning: ... and {len(notes) - 3} more such lines", err=True)
     return state
-
-
-def _resolve_dir(directory: str) -> Path:
-    """``--dir`` as an absolute path; one line when the OS cannot take it."""
-    try:
-        return Path(directory).expanduser().resolve()
-    except OSError as exc:
-        raise os_error(exc, f"--dir {shown_path(directory)}") from None
-    except ValueError:
-        raise InputError(f"--dir {directory!r}: not a valid path") from None
-
-
-def _site(ref: str | None, sdir: Any = None) -> Any:
-    from aimass_hpc.config.site import load_site
-
-    if ref is None and sdir is not None:
-        ref = sdir.site_ref()
-    return load_site(ref)
 
 
 @search.command("run")
@@ -173,95 +113,65 @@ def run_cmd(
     as_json: bool,
 ) -> None:
     """Run the search described by SPEC.toml (see `aimass search --help` for the modes)."""
-    from aimass_hpc.config.search_spec import load_search_spec
-    from aimass_hpc.launch import search_driver as D
-    from aimass_hpc.launch.submit import submit
+    from aimass_hpc.launch import search_launch as L
 
-    spec = load_search_spec(spec_path)
-    site = _site(site_ref)
-    planned = D.SearchDir(
-        _resolve_dir(directory)
-        if directory
-        else site.runs_root / D.SEARCHES_DIR / f"<time>-{spec.search.name}-<id>"
-    )
-    # Check a trial (and the driver job) against the site before creating anything.
-    sampler = D.make_sampler(spec, spec.search.seed or 0)
-    (first,) = sampler.ask(1)
-    trial_req, _files = D.build_trial(spec, site, planned, first.id, first.params)
-    preview = submit(site, trial_req, dry_run=True, runs_root=planned.trials_root)
-    driver_preview = None
-    if detach:
-        driver_preview = submit(
-            site, D.driver_request(spec, site, planned), dry_run=True, runs_root=planned.driver_root
-        )
+    plan = L.plan_search(spec_path, site_ref, directory=directory, detach=detach)
+    spec = plan.spec
+    first_id, first_params = plan.first_trial
     if dry_run:
         if as_json:
             out = {
-                "search_dir": str(planned.path),
-                "trial": {"id": first.id, "params": first.params, "script": preview.script},
-                "driver_script": driver_preview.script if driver_preview else None,
+                "search_dir": str(plan.planned.path),
+                "trial": {"id": first_id, "params": first_params, "script": plan.trial_script},
+                "driver_script": plan.driver_script,
             }
             click.echo(json.dumps(out, indent=2))
             return
         click.echo(f"# search {spec.search.name!r}: {spec.search.budget} trials, "
                    f"{spec.search.parallel} at once, sampler {spec.search.sampler}")  # fmt: skip
-        click.echo(f"# trial {first.id} params: {json.dumps(first.params)}")
-        echo_script(preview.script)
-        if driver_preview is not None:
+        click.echo(f"# trial {first_id} params: {json.dumps(first_params)}")
+        echo_script(plan.trial_script)
+        if plan.driver_script is not None:
             click.echo("\n# --detach: the driver job")
-            echo_script(driver_preview.script)
+            echo_script(plan.driver_script)
         return
 
-    text = Path(spec_path).read_text(encoding="utf-8")
-    try:
-        sdir = D.create_search(spec, site, directory=directory, spec_text=text)
-    except OSError as exc:
-        where = exc.filename if exc.filename is not None else planned.path.parent
-        raise os_error(exc, f"cannot create the search directory {shown_path(where)}") from None
-    if detach:
-        sub = submit(
-            site,
-            D.driver_request(spec, site, sdir),
-            spec={"search_dir": str(sdir.path), "role": "search driver"},
-            runs_root=sdir.driver_root,
-        )
-        sdir.journal().append(
-            J.DRIVER_SUBMITTED, job_id=str(sub.job_id), run_dir=str(sub.run_dir.path)
-        )
+    started = L.start_search(plan)
+    sdir = started.sdir
+    if started.driver is not None:  # --detach
+        driver = started.driver
         if as_json:
             click.echo(
                 json.dumps(
                     {
                         "search_dir": str(sdir.path),
-                        "driver_job_id": sub.job_id,
-                        "driver_run_dir": str(sub.run_dir.path),
+                        "driver_job_id": driver.job_id,
+                        "driver_run_dir": str(driver.run_dir),
                     }
                 )
             )
         else:
             click.echo(f"search {sdir.path}")
-            click.echo(f"driver job {sub.job_id} (logs in {sub.run_dir.path / 'logs'})")
+            click.echo(f"driver job {driver.job_id} (logs in {driver.run_dir / 'logs'})")
             click.echo(f"watch it: aimass search status {sdir.path}")
         return
-    _drive(sdir, site, as_json, first_line=f"search {sdir.path}")
+    _drive(sdir, plan.site, as_json, first_line=f"search {sdir.path}")
 
 
 def _drive(sdir: Any, site: Any, as_json: bool, first_line: str | None = None) -> None:
-    from aimass_hpc.launch.search_driver import SearchDriver
+    from aimass_hpc.launch.search_launch import drive_search
 
-    echo = _echo_events(to_stderr=as_json)
     if first_line:
         click.echo(first_line, err=as_json)
-    driver = SearchDriver(sdir, site, echo=echo)
-    state = driver.run()
-    spec = driver.spec
+    outcome = drive_search(sdir, site, echo=_echo_events(to_stderr=as_json))
+    state, spec = outcome.state, outcome.spec
     if as_json:
         click.echo(json.dumps(_summary(sdir, state, spec), indent=2, default=str))
     else:
         _print_table(sdir, state, spec)
-    if driver.stopped_by is not None and not state.finished:
+    if outcome.stopped_by is not None and not state.finished:
         click.echo(
-            f"driver stopped by {driver.stopped_by}; queued trials go on. "
+            f"driver stopped by {outcome.stopped_by}; queued trials go on. "
             f"Continue with: aimass search resume {sdir.path}",
             err=True,
         )
@@ -281,9 +191,11 @@ def resume_cmd(directory: str, site_ref: str | None, as_json: bool) -> None:
     read, running ones adopted, lost ones resubmitted under the same trial id. Without
     --site, the search runs on the site it was created on.
     """
+    from aimass_hpc.launch.search_launch import search_site
+
     sdir = _open(directory, site_ref)
     verb = "resuming" if _read_state(sdir).trials else "driving"
-    _drive(sdir, _site(site_ref, sdir), as_json, first_line=f"{verb} search {sdir.path}")
+    _drive(sdir, search_site(site_ref, sdir), as_json, first_line=f"{verb} search {sdir.path}")
 
 
 @search.command("status")
@@ -314,43 +226,11 @@ def cancel_cmd(directory: str, site_ref: str | None, wait_s: float) -> None:
 
     Without --site, the jobs are cancelled on the site the search was created on.
     """
-    from aimass_hpc.launch.search_driver import SearchDriver
+    from aimass_hpc.launch.search_launch import cancel_search
 
     sdir = _open(directory, site_ref)
-    state = _read_state(sdir)
-    if state.finished:
-        raise ConflictError(f"search {sdir.path} has already finished")
-    if not state.cancel_requested:
-        sdir.journal().append(J.CANCEL_REQUESTED, host=socket.gethostname())
-    site = _site(site_ref, sdir)
-    if _driver_alive(sdir):
-        # A live driver sees the request at its next poll, cancels the trials and finishes.
-        deadline = time.monotonic() + wait_s
-        journal = sdir.journal()  # one journal: each check reads only what was appended
-        while time.monotonic() < deadline and not journal.state().finished:
-            time.sleep(0.5)
-    if not sdir.state().finished:
-        try:
-            SearchDriver(sdir, site, echo=_echo_events(False)).run()
-        except ConflictError as exc:
-            raise ConflictError(
-                f"cancel requested, but the driver has not stopped yet: {exc}"
-            ) from None
-    _cancel_driver_jobs(sdir, site)
+    cancel_search(sdir, _read_state(sdir), site_ref, wait_s=wait_s, echo=_echo_events(False))
     click.echo(f"search {sdir.path} cancelled")
-
-
-def _cancel_driver_jobs(sdir: Any, site: Any) -> None:
-    from aimass_hpc.launch.scheduler import get_scheduler
-
-    ids = [str(d["job_id"]) for d in sdir.state().driver_jobs if d.get("job_id")]
-    if not ids:
-        return
-    scheduler = get_scheduler(site)
-    live = [i for i, st in scheduler.status(ids).items() if not st.is_terminal]
-    if live:
-        with contextlib.suppress(NotFoundError):
-            scheduler.cancel(live)
 
 
 @search.command("plot")
@@ -407,21 +287,15 @@ def _summary(sdir: Any, state: J.SearchState, spec: Any) -> dict[str, Any]:
     }
 
 
-def _driver_alive(sdir: Any) -> bool:
-    """Whether a driver holds the search: a live pid here, or a fresh heartbeat elsewhere."""
-    from aimass_hpc.launch.search_driver import DRIVER_STALE_S
-
-    return J.live_lock_holder(sdir.lock_path, DRIVER_STALE_S) is not None
-
-
 def _driver_text(sdir: Any, state: J.SearchState) -> str:
+    from aimass_hpc.launch.search_launch import driver_holder
+
     if state.finished:
         return "finished"
-    holder = J.read_lock_holder(sdir.lock_path)
-    if holder is None or not _driver_alive(sdir):
+    holder = driver_holder(sdir)
+    if holder is None:
         return "not running (continue with `aimass search resume DIR`)"
-    beat = time.time() - sdir.lock_path.stat().st_mtime if sdir.lock_path.exists() else 0
-    return f"pid {holder.pid} on {holder.host} (heartbeat {beat:.0f}s ago)"
+    return f"pid {holder.pid} on {holder.host} (heartbeat {holder.heartbeat_age_s:.0f}s ago)"
 
 
 def _fmt_value(value: Any) -> str:

@@ -1,12 +1,12 @@
-"""``aimass site``: check, list and show site configs (for site admins)."""
+"""``aimass site``: check, list and show site configs (for site admins).
+
+Thin: the checking is in ``aimass_hpc.launch.site_check``.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -14,67 +14,12 @@ from rich.table import Table
 
 from aimass_hpc.cli._options import site_option
 from aimass_hpc.common.errors import AimassError, InputError
-from aimass_hpc.config.site import (
-    Problem,
-    Site,
-    list_sites,
-    load_site,
-    resolve_site_path,
-    validate_site_file,
-)
+from aimass_hpc.config.site import list_sites, load_site
 
 
 @click.group()
 def site() -> None:
     """Site configs: what a cluster offers and how jobs run there."""
-
-
-def template_problems(site_obj: Site) -> list[Problem]:
-    """Render every job template with a typical request and syntax-check it with ``bash -n``."""
-    from aimass_hpc.config.job_spec import JobRequest
-    from aimass_hpc.launch.render import TEMPLATE_NAMES, render_request
-
-    part = site_obj.default_partition
-    problems: list[Problem] = []
-    for template in TEMPLATE_NAMES:
-        kind = template.removesuffix(".j2")
-        request = JobRequest(
-            kind=kind,  # type: ignore[arg-type]
-            name=f"site-check-{kind}",
-            command=[site_obj.python, "-c", "print('it works')"],
-            nodes=min(2, part.nodes or 1) if site_obj.scheduler == "slurm" else 1,
-            gpus_per_node=part.gpus_per_node,
-            env={"AIMASS_CHECK": "a 'quoted' $(value)"},
-        )
-        where = f"templates.{template}"
-        try:
-            # render_request also refuses a script that fails `bash -n`, naming the template.
-            script = render_request(site_obj, request, Path(tempfile.gettempdir()) / "run")
-        except AimassError as exc:
-            problems.append(Problem(where, str(exc), "fix the template or the site config"))
-            continue
-        problems += _shellcheck_problems(script, where)
-    return problems
-
-
-def _shellcheck_problems(script: str, where: str) -> list[Problem]:
-    """shellcheck's warnings about a rendered script (none when shellcheck is not installed)."""
-    if not shutil.which("shellcheck"):
-        return []
-    lint = subprocess.run(
-        ["shellcheck", "-S", "warning", "-s", "bash", "-f", "gcc", "-"],
-        input=script,
-        capture_output=True,
-        text=True,
-    )
-    return [
-        Problem(
-            where,
-            f"shellcheck: {line.split(': ', 1)[-1]}",
-            "fix the template (or the config value)",
-        )
-        for line in lint.stdout.splitlines()[:5]
-    ]
 
 
 def _one_ref(ref: str | None, site_ref: str | None) -> str | None:
@@ -98,10 +43,10 @@ def check(ref: str | None, site_ref: str | None, as_json: bool) -> None:
     checked with `bash -n` (and shellcheck, when installed).
     Exits non-zero when anything is wrong.
     """
-    path = resolve_site_path(_one_ref(ref, site_ref))
-    problems = validate_site_file(path)
-    if not problems:
-        problems = template_problems(load_site(str(path)))
+    from aimass_hpc.launch.site_check import check_site  # jinja2: only for check
+
+    result = check_site(_one_ref(ref, site_ref))
+    path, problems = result.path, result.problems
     if as_json:
         click.echo(json.dumps([p.__dict__ for p in problems], indent=2))
     else:
@@ -117,7 +62,7 @@ def check(ref: str | None, site_ref: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def list_cmd(as_json: bool) -> None:
     """Sites visible by name (~/.config/aimass/sites, /etc/aimass/sites, bundled)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, path in list_sites():
         try:
             obj = load_site(str(path))

@@ -11,5 +11,8 @@ code). Builds on ``config`` and ``common``; may use ``hpo``, ``runtime``, ``serv
   journal        a search's append-only journal and its replay
   search_driver  the search driver: asks the sampler, submits trials, settles results
   search_plots   plots of a search from its journal
+  search_launch  start, find, drive and cancel searches (the work behind ``aimass search``)
   serving        serving services: start, upgrade, reconcile and stop endpoints
+  site_check     validate a site and render every template (``aimass site check``)
+  reservations   ``scontrol create|show|delete reservation`` (``aimass reserve``)
 """
