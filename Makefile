@@ -46,6 +46,7 @@ lint: venv
 	$(VENV)/bin/ruff check aimass_hpc tests benchmarks examples
 	$(VENV)/bin/ruff format --check aimass_hpc tests benchmarks examples
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) benchmarks/bench_repo.py --size-mb 256

@@ -360,14 +360,15 @@ def _check_semantics(spec: SearchSpec, where: str) -> None:
                     f"{where}: objective.command[{i}]: placeholder {{{name}}} is not a "
                     f"parameter of [space]{hint}"
                 )
-    if obj.train is not None:
+    train_path = spec.train_spec_path  # None exactly when objective.train is
+    if train_path is not None:
         try:
-            is_file = spec.train_spec_path.is_file()  # type: ignore[union-attr]
+            is_file = train_path.is_file()
         except (OSError, ValueError) as exc:  # a name too long, a NUL byte
             reason = getattr(exc, "strerror", None) or str(exc)
             raise InputError(f"{where}: objective.train: {reason}") from None
         if not is_file:
-            raise InputError(f"{where}: objective.train: no such file {spec.train_spec_path}")
+            raise InputError(f"{where}: objective.train: no such file {train_path}")
         # Every parameter must land on a real key of the training spec: load it with the
         # space's default point injected (validation only; no user code runs).
         import numpy as np
@@ -376,7 +377,7 @@ def _check_semantics(spec: SearchSpec, where: str) -> None:
 
         sample = space.sample(np.random.default_rng(0))
         try:
-            load_train_spec(spec.train_spec_path, train_overrides(spec, sample))
+            load_train_spec(train_path, train_overrides(spec, sample))
         except InputError as exc:
             raise InputError(
                 f"{where}: objective.train: with the space's parameters: {exc}"

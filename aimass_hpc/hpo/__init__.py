@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from aimass_hpc.hpo.mcts import MCTSSampler
-from aimass_hpc.hpo.samplers import RandomSampler, Sampler, Trial, TrialRecord
+from aimass_hpc.hpo.samplers import Direction, RandomSampler, Sampler, Trial, TrialRecord
 from aimass_hpc.hpo.space import Categorical, Float, Int, Param, Space
 
 __all__ = [
@@ -49,7 +49,12 @@ def __getattr__(name: str) -> Any:
 
 
 def make_sampler(
-    name: str, space: Space, *, seed: int | None = None, direction: str = "minimize", **options
+    name: str,
+    space: Space,
+    *,
+    seed: int | None = None,
+    direction: Direction = "minimize",
+    **options: Any,
 ) -> Sampler:
     """A sampler by spec name (``mcts``, ``random``, ``tpe``); options go to its constructor.
 

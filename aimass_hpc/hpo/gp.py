@@ -207,7 +207,9 @@ class GP:
         """Negative log marginal posterior and its gradient in log-parameter space."""
         inv_l2, scale, noise = self._unpack(theta)
         n = len(self.y)
-        r2 = self._dist @ inv_l2
+        dist = self._dist
+        assert dist is not None, "distances are kept whenever the model is fitted"
+        r2 = dist @ inv_l2
         k, dk = self._matern(r2, scale)
         kk = k + (noise + 1e-8) * np.eye(n)
         try:
@@ -221,7 +223,7 @@ class GP:
         w = np.outer(alpha, alpha) - kinv  # d nll / dK = -w / 2
         grad = np.empty_like(theta)
         # dK/dlog l_j = dk * (-2 * dist_j * inv_l2_j)
-        grad[:-2] = 0.5 * 2 * inv_l2 * np.tensordot(w * dk, self._dist, axes=([0, 1], [0, 1]))
+        grad[:-2] = 0.5 * 2 * inv_l2 * np.tensordot(w * dk, dist, axes=([0, 1], [0, 1]))
         grad[-2] = -0.5 * np.sum(w * k)
         grad[-1] = -0.5 * noise * np.trace(w)
         # Priors: log-normal lengthscales, log-normal signal variance around 1, noise weak.

@@ -244,7 +244,7 @@ class MCTSSampler(Sampler):
         lo = np.zeros(d) if node is None else node.lo
         hi = np.ones(d) if node is None else node.hi
         x = lo + rng.random((m, d)) * (hi - lo)
-        for j in self._cat_dims:
+        for j in map(int, self._cat_dims):  # int keys: node.allowed is keyed by int
             codes = np.arange(self.space.n_choices[j])
             if node is not None and j in node.allowed:
                 codes = codes[node.allowed[j]]
@@ -372,7 +372,7 @@ class MCTSSampler(Sampler):
         dims = np.flatnonzero(usable)
         vals = xs[:, dims].copy()
         orders: dict[int, np.ndarray] = {}
-        for k, j in enumerate(dims):
+        for c, j in enumerate(map(int, dims)):
             if self._cat[j]:
                 # Order categories by their mean goodness; unseen ones sit at the node mean.
                 nc = self.space.n_choices[j]
@@ -383,7 +383,7 @@ class MCTSSampler(Sampler):
                 order = np.argsort(means, kind="stable")
                 pos = np.empty(nc)
                 pos[order] = np.arange(nc)
-                vals[:, k] = pos[codes]
+                vals[:, c] = pos[codes]
                 orders[j] = pos
         srt = np.argsort(vals, axis=0, kind="stable")
         vs = np.take_along_axis(vals, srt, axis=0)

@@ -12,12 +12,15 @@ before the next ask, so a sampler rebuilt from a journal proposes what the origi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from aimass_hpc.hpo.samplers import Direction, Sampler, TrialRecord
 from aimass_hpc.hpo.space import Categorical, Float, Space
+
+if TYPE_CHECKING:  # optuna is imported lazily (the search extra)
+    from optuna import Study
 
 __all__ = ["OptunaTPESampler"]
 
@@ -51,7 +54,7 @@ class OptunaTPESampler(Sampler):
         self.tpe_kwargs.pop("seed", None)
         optuna.samplers.TPESampler(**self.tpe_kwargs)  # reject bad options now, not at ask
         self._dists = {name: self._distribution(p) for name, p in space.params.items()}
-        self._study = None
+        self._study: Study | None = None
         self._number: dict[int, int] = {}  # our trial id -> optuna trial number
         self._dirty = False
 
@@ -64,22 +67,22 @@ class OptunaTPESampler(Sampler):
         return d.IntDistribution(p.low, p.high, log=p.log)
 
     # ------------------------------------------------------------------------------ study
-    def _new_study(self):
+    def _new_study(self) -> Study:
         return self._optuna.create_study(
             direction=self.direction, sampler=self._optuna.samplers.RandomSampler(0)
         )
 
-    def _study_in_order(self):
+    def _study_in_order(self) -> Study:
         """The study, rebuilt in trial-id order if registrations arrived out of order."""
         if self._study is None or self._dirty:
-            self._study = self._new_study()
+            study = self._study = self._new_study()
             self._number = {}
             for rec in self.records:
-                self._append(rec)
+                self._append(study, rec)
             self._dirty = False
         return self._study
 
-    def _append(self, rec: TrialRecord) -> None:
+    def _append(self, study: Study, rec: TrialRecord) -> None:
         optuna = self._optuna
         state = {
             "pending": optuna.trial.TrialState.RUNNING,
@@ -92,8 +95,8 @@ class OptunaTPESampler(Sampler):
             params=rec.params,
             distributions={k: self._dists[k] for k in rec.params},
         )
-        self._study.add_trial(frozen)
-        self._number[rec.id] = len(self._study.trials) - 1
+        study.add_trial(frozen)
+        self._number[rec.id] = len(study.trials) - 1
 
     # ------------------------------------------------------------------------------ hooks
     def _propose(self, trial_id: int, rng: np.random.Generator) -> dict[str, Any]:
@@ -120,7 +123,7 @@ class OptunaTPESampler(Sampler):
         if rec.id < max(self._number, default=-1):
             self._dirty = True  # out of id order: rebuild before the next ask
         else:
-            self._append(rec)
+            self._append(self._study, rec)
 
     def _on_tell(self, rec: TrialRecord) -> None:
         if self._study is None or self._dirty:

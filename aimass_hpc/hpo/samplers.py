@@ -162,15 +162,16 @@ class Sampler(ABC):
     @property
     def best(self) -> tuple[Trial, float] | None:
         """The best completed trial and its value, or None before any result (ties: lowest id)."""
-        best: TrialRecord | None = None
+        best: tuple[TrialRecord, float] | None = None
         for rec in self.records:
-            if rec.state != "complete":
+            # A complete record always holds a float (``tell``); the None check narrows it.
+            if rec.state != "complete" or rec.value is None:
                 continue
-            if best is None or self._sign * rec.value < self._sign * best.value:
-                best = rec
+            if best is None or self._sign * rec.value < self._sign * best[1]:
+                best = rec, rec.value
         if best is None:
             return None
-        return Trial(best.id, dict(best.params)), best.value
+        return Trial(best[0].id, dict(best[0].params)), best[1]
 
     @property
     def records(self) -> list[TrialRecord]:
@@ -197,7 +198,9 @@ class Sampler(ABC):
 
     def _loss(self, rec: TrialRecord) -> float:
         """The record's value as a loss to minimise; NaN for failed or pending."""
-        return self._sign * rec.value if rec.state == "complete" else math.nan
+        if rec.state != "complete" or rec.value is None:
+            return math.nan
+        return self._sign * rec.value
 
     def _rng(self, trial_id: int) -> np.random.Generator:
         """The generator for proposing ``trial_id``: a function of (seed, id) only."""

@@ -321,11 +321,12 @@ class Space:
                 )
             ):
                 raise InputError(f"{at}.when: expected a table like {{parent = [values]}}")
+            cond = _when(when)
             if kind == "categorical":
                 choices = spec.get("choices")
                 if not isinstance(choices, Sequence) or isinstance(choices, str):
                     raise InputError(f"{at}.choices: expected a list of values")
-                params[name] = Categorical(tuple(choices), when=when or {})
+                params[name] = Categorical(tuple(choices), when=cond)
                 continue
             for key in ("low", "high"):
                 v = spec.get(key)
@@ -337,9 +338,9 @@ class Space:
             if not isinstance(log, bool):
                 raise InputError(f"{at}.log: expected true or false (got {log!r})")
             if kind == "float":
-                params[name] = Float(spec["low"], spec["high"], log=log, when=when or {})
+                params[name] = Float(spec["low"], spec["high"], log=log, when=cond)
             else:
-                params[name] = Int(spec["low"], spec["high"], log=log, when=when or {})
+                params[name] = Int(spec["low"], spec["high"], log=log, when=cond)
         return cls(params, where=where)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

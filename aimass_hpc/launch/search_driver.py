@@ -101,7 +101,7 @@ def sampler_records(state: SearchState) -> list[tuple[int, dict[str, Any], str, 
 
     Pruned and cancelled trials count as failures (a region to avoid, not a result).
     """
-    out = []
+    out: list[tuple[int, dict[str, Any], str, float | None]] = []
     for t in state.trials.values():
         if t.state == J.FINISHED and t.value is not None and math.isfinite(t.value):
             out.append((t.id, t.params, "complete", float(t.value)))

@@ -215,6 +215,12 @@ def _offset(ds: Any) -> int:
     return offset
 
 
+def _digest(data: np.ndarray) -> int:
+    """xxh3-64 of a contiguous array's bytes (the per-tensor checksum)."""
+    # numpy's stubs give ndarray a __buffer__ only for Python >= 3.12 (a stub gap: it works).
+    return xxhash.xxh3_64_intdigest(data)  # type: ignore[arg-type]
+
+
 def _natural_str(it: Stored) -> str | None:
     return NATURAL_DTYPES.get(str(it.dtype))
 
@@ -239,7 +245,7 @@ def _write_raw(
                 for it in packed:
                     at = packed_at[it.index]
                     blob[at : at + it.nbytes] = it.raw
-                    checksums[it.index] = xxhash.xxh3_64_intdigest(it.raw)
+                    checksums[it.index] = _digest(it.raw)
                 _pwrite_all(fd, blob, offset)
             else:
                 hasher = xxhash.xxh3_64()
@@ -278,13 +284,13 @@ def _write_compressed(
         ds = f.create_dataset(ds_names[it.index], data=arr, shuffle=arr.itemsize > 1, **opts)
         if it.kind == "torch" and np.dtype(dt).str != _natural_str(it):
             ds.attrs["dtype"] = str(it.dtype)
-        checksums[it.index] = xxhash.xxh3_64_intdigest(it.raw)
+        checksums[it.index] = _digest(it.raw)
     if size:
         blob = np.zeros(size, dtype=np.uint8)
         for it in packed:
             at = packed_at[it.index]
             blob[at : at + it.nbytes] = it.raw
-            checksums[it.index] = xxhash.xxh3_64_intdigest(it.raw)
+            checksums[it.index] = _digest(it.raw)
         f.create_dataset("aimass/packed", data=blob, **opts)
     f.create_dataset("aimass/checksums", data=checksums)
 
@@ -438,7 +444,7 @@ class CheckpointFile:
 
     def check(self, e: dict[str, Any], raw: np.ndarray) -> str | None:
         """Return a failure message if ``raw`` does not match the stored checksum."""
-        got = xxhash.xxh3_64_intdigest(raw) if raw.nbytes else xxhash.xxh3_64_intdigest(b"")
+        got = _digest(raw) if raw.nbytes else xxhash.xxh3_64_intdigest(b"")
         want = int(self.checksums[e["index"]])
         if got != want:
             return f"tensor '{e['name']}': checksum mismatch (stored {want:016x}, read {got:016x})"
@@ -598,11 +604,15 @@ class _BufferReader:
             return self._via_h5(e)
         if self.mm is not None:
             return self.mm[e["offset"] : e["offset"] + n]
+        # Without a mapping the file is open: mmap=False, or an empty file, whose entries all
+        # have nbytes == 0 (CheckpointFile rejects any reaching past the end).
+        fd = self.fd
+        assert fd is not None
         buf = np.empty(n, dtype=np.uint8)
-        view = memoryview(buf)
+        view = buf.data  # the array's memoryview (memoryview(buf) trips numpy's py3.11 stubs)
         got = 0
         while got < n:
-            k = os.preadv(self.fd, [view[got:]], e["offset"] + got)
+            k = os.preadv(fd, [view[got:]], e["offset"] + got)
             if k == 0:
                 raise IntegrityError(f"{self.cf.label}: file is truncated: {self.cf.path}")
             got += k

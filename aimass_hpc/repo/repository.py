@@ -325,7 +325,9 @@ class ModelRepository:
             for v in self._versions(md):
                 if v.metadata.get("shard_key") == key:
                     raise ConflictError(f"shards {key!r} are already committed as {v.ref}")
-            shards, contents, stats = [], [], Counter()
+            shards: list[dict[str, Any]] = []
+            contents: list[str] = []
+            stats: Counter[str] = Counter()
             for r, fname in enumerate(wanted):
                 path = sdir / fname
                 smeta = h5format.read_metadata(path, f"model {name} shard {r}")
@@ -639,9 +641,11 @@ class ModelRepository:
         the new history starts with a ``repair`` entry naming that copy.
         """
         check_alias(alias)
+        if isinstance(version, bool):  # an int to Python, but never a version number
+            raise InputError(f"version: expected a number or a reference (got {version!r})")
         if isinstance(version, Version):
             target = self.get(version.ref)
-        elif isinstance(version, int) and not isinstance(version, bool):
+        elif isinstance(version, int):
             target = self.get(Ref(name, version=version))
         else:
             target = self.get(version if ":" in version or "@" in version else f"{name}:{version}")
@@ -953,10 +957,13 @@ def _shard_path(md: ModelDir, v: Version, file: str) -> Path:
     a symbolic link leading out of ``shards/<key>/`` is an IntegrityError naming the version.
     """
     key = v.metadata.get("shard_key")
+    bad = f"{v.ref}: invalid shard key {key!r} in its metadata"
+    if not isinstance(key, str):
+        raise IntegrityError(bad)
     try:
         sdir = md.shard_dir(key)
     except InputError:
-        raise IntegrityError(f"{v.ref}: invalid shard key {key!r} in its metadata") from None
+        raise IntegrityError(bad) from None
     rel = Path(file)
     if rel.is_absolute() or ".." in rel.parts or rel.parts[:2] != ("shards", key):
         raise IntegrityError(
@@ -1001,7 +1008,7 @@ def _tensor_stats(pool: TensorPool) -> dict[str, Any]:
     for it in pool.items:
         total += it.nbytes
         if it.kind == "torch" and it.name.startswith("model/"):
-            dtypes[it.dtype] += 1
+            dtypes[str(it.dtype)] += 1  # a torch dtype name (a str) for torch tensors
             params += math.prod(it.shape)
     return {
         "tensor_count": len(pool.items),

@@ -124,7 +124,7 @@ class Job:
         rng_states = self.backend.allgather_object(rng.capture())
         if not self.is_main or self.store is None:
             return None
-        module = model.module if hasattr(model, "module") else model
+        module = _unwrap(model)
         state = TrainState(
             model={k: v.detach().cpu() for k, v in module.state_dict().items()},
             optimizer=optimizer.state_dict() if optimizer is not None else None,
@@ -160,7 +160,7 @@ class Job:
             state = self.backend.broadcast_object(state)
         if state is None:
             return None
-        module = model.module if hasattr(model, "module") else model
+        module = _unwrap(model)
         module.load_state_dict(state.model)
         if optimizer is not None and state.optimizer:
             optimizer.load_state_dict(state.optimizer)
@@ -177,7 +177,7 @@ class Job:
         """
         ref = None
         if self.is_main and self.store is not None:
-            module = model.module if hasattr(model, "module") else model
+            module = _unwrap(model)
             weights = {k: v.detach().cpu() for k, v in module.state_dict().items()}
             info = SaveInfo(
                 kind="final",
@@ -198,6 +198,12 @@ class Job:
     def log_metrics(self, step: int, kind: str = "step", **values: Any) -> None:
         """Record metrics of ``step`` (rank 0 only writes; others ignore the call)."""
         self.metrics.log(kind, step=step, **values)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel-style wrapper (its ``.module``), else itself."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def lineage(config: RunConfig, world: WorldInfo, step: int) -> dict[str, Any]:

@@ -322,7 +322,7 @@ class Trainer:
     def _epoch_end(self, epoch: int) -> None:
         loss_sum = torch.tensor([self._epoch_loss_sum(), float(self._epoch_batches)])
         loss_sum = self.backend.allreduce_sum(loss_sum)
-        record = {"train_loss": float(loss_sum[0] / max(loss_sum[1], 1.0))}
+        record = {"train_loss": float(loss_sum[0] / loss_sum[1].clamp(min=1.0))}
         record.update(self.evaluate())
         self.last_metrics = record
         self._loss_base = 0.0
