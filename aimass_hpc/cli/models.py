@@ -187,10 +187,12 @@ def ls(ctx: _Ctx, name: str | None, as_json: bool) -> None:
             return
         _console().print(_versions_table(repo, versions, f"{name} ({repo.root})"))
         return
+    from aimass_hpc.repo.refs import Ref
+
     rows = []
     for model in repo.names():
         numbers = repo.version_numbers(model)
-        latest = repo.get(f"{model}:{numbers[-1]}")
+        latest = repo.get(Ref(model, version=numbers[-1]))
         rows.append(
             {
                 "name": model,
@@ -207,9 +209,9 @@ def ls(ctx: _Ctx, name: str | None, as_json: bool) -> None:
     for col in ("name", "versions", "latest", "updated", "aliases"):
         table.add_column(col)
     for r in rows:
-        aliases = " ".join(f"{a}→{n}" for a, n in sorted(r["aliases"].items()))
+        alias_text = " ".join(f"{a}→{n}" for a, n in sorted(r["aliases"].items()))
         table.add_row(
-            r["name"], str(r["versions"]), r["latest"], (r["created"] or "")[:19], aliases
+            r["name"], str(r["versions"]), r["latest"], (r["created"] or "")[:19], alias_text
         )
     _console().print(table)
 
@@ -354,10 +356,10 @@ def promote(ctx: _Ctx, ref: str, alias: str, repair: bool) -> None:
     A damaged alias file is refused (exit 6) so that its history is not lost silently; with
     --repair it is kept as aliases/.ALIAS.json.corrupt-TIME and a new history starts.
     """
-    from aimass_hpc.repo import parse_ref
+    from aimass_hpc.repo.refs import Ref
 
+    r = Ref.parse(ref, "REF")
     repo = ctx.open()
-    r = parse_ref(ref)
     target = repo.get(r)
     try:
         previous = repo.alias_version(r.name, alias)
@@ -383,9 +385,12 @@ def promote(ctx: _Ctx, ref: str, alias: str, repair: bool) -> None:
 @pass_ctx
 def rollback(ctx: _Ctx, ref: str) -> None:
     """Point NAME@ALIAS back at its previous target."""
-    name, sep, alias = ref.partition("@")
-    if not sep or not alias:
+    from aimass_hpc.repo.refs import Ref
+
+    r = Ref.parse(ref, "NAME@ALIAS")
+    if r.alias is None:
         raise InputError(f"rollback needs NAME@ALIAS, got {ref!r}")
+    name, alias = r.name, r.alias
     repo = ctx.open()
     before = repo.alias_version(name, alias)
     v = repo.rollback(name, alias)
@@ -399,9 +404,14 @@ def rollback(ctx: _Ctx, ref: str) -> None:
 @pass_ctx
 def rm(ctx: _Ctx, refs: tuple[str, ...], force: bool, yes: bool) -> None:
     """Delete versions (each NAME:VERSION or NAME@ALIAS; never a whole model)."""
-    for r in refs:
-        if ":" not in r and "@" not in r:
-            raise InputError(f"say which version of {r} to delete: {r}:N or {r}@ALIAS")
+    from aimass_hpc.repo.refs import Ref
+
+    for text in refs:
+        r = Ref.parse(text, "NAME:VERSION")
+        if r.is_latest:  # NAME, NAME:latest: a moving target, never deleted by name
+            raise InputError(
+                f"say which version of {r.name} to delete: {r.name}:N or {r.name}@ALIAS"
+            )
     repo = ctx.open()
     versions = [repo.get(r) for r in refs]  # resolve all first: fail before deleting any
     if not yes:
@@ -421,12 +431,15 @@ def verify(ctx: _Ctx, refs: tuple[str, ...], all_versions: bool, as_json: bool) 
 
     Without REF, verifies the latest version of every model (with --all: every version).
     """
+    from aimass_hpc.repo.refs import Ref
+
+    parsed = [Ref.parse(ref, "REF") for ref in refs]
     repo = ctx.open()
     targets: list[str] = []
-    names = list(refs) if refs else repo.names()
+    names = [str(r) for r in parsed] if refs else repo.names()
     for ref in names:
         if all_versions:
-            targets += [v.ref for v in repo.versions(ref.split(":")[0].split("@")[0])]
+            targets += [v.ref for v in repo.versions(Ref.parse(ref).name)]
         else:
             targets.append(repo.get(ref).ref if refs else repo.latest(ref).ref)
     reports = [repo.verify(t) for t in targets]
@@ -550,9 +563,14 @@ def _parse_age(text: str) -> float:
 @pass_ctx
 def aliases(ctx: _Ctx, ref: str, as_json: bool) -> None:
     """Show the aliases of NAME, or the history of NAME@ALIAS."""
+    from aimass_hpc.repo.refs import Ref
+
+    r = Ref.parse(ref, "NAME[@ALIAS]")
+    if r.version is not None:
+        raise InputError(f"aliases needs NAME or NAME@ALIAS, got {ref!r}")
+    name, alias = r.name, r.alias
     repo = ctx.open()
-    name, sep, alias = ref.partition("@")
-    if sep:
+    if alias is not None:
         history = repo.alias_history(name, alias)
         if as_json:
             _emit_json(history)

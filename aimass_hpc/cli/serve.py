@@ -18,6 +18,7 @@ from rich.table import Table
 from aimass_hpc.cli._options import site_option
 from aimass_hpc.cli._output import echo_dry_run, echo_submit_note
 from aimass_hpc.common.errors import InputError
+from aimass_hpc.serve.defaults import DEFAULTS
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout.")
 
@@ -55,12 +56,22 @@ def serve() -> None:
 @serve.command("start")
 @click.argument("ref", metavar="NAME@ALIAS|NAME:VERSION")
 @site_option
-@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
-    "--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per replica."
+    "--replicas", type=click.IntRange(min=1), default=DEFAULTS.replicas, show_default=True
 )
 @click.option(
-    "--cpus", type=click.IntRange(min=1), default=2, show_default=True, help="CPUs per replica."
+    "--gpus",
+    type=click.IntRange(min=0),
+    default=DEFAULTS.gpus,
+    show_default=True,
+    help="GPUs per replica.",
+)
+@click.option(
+    "--cpus",
+    type=click.IntRange(min=1),
+    default=DEFAULTS.cpus,
+    show_default=True,
+    help="CPUs per replica.",
 )
 @click.option("--reservation", help="Slurm reservation (default: the site's serving one).")
 @click.option("--partition", help="Partition (default: the site's serving partition).")
@@ -68,16 +79,40 @@ def serve() -> None:
 @click.option(
     "--port",
     type=click.IntRange(min=0, max=65535),
-    default=0,
+    default=DEFAULTS.port,
     help="Port (default: a free one in the site's range).",
 )
 @click.option("--repo", help="Model repository (default: the site's).")
-@click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True)
-@click.option("--no-batching", is_flag=True, help="Forward every request alone.")
-@click.option("--no-handover", is_flag=True, help="Let replicas end at the time limit.")
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(min=1),
+    default=DEFAULTS.max_batch_size,
+    show_default=True,
+)
+@click.option(
+    "--max-wait-ms", type=click.FloatRange(min=0), default=DEFAULTS.max_wait_ms, show_default=True
+)
+@click.option(
+    "--batching/--no-batching",
+    default=DEFAULTS.batching,
+    show_default=True,
+    help="--no-batching: forward every request alone.",
+)
+@click.option(
+    "--handover/--no-handover",
+    default=DEFAULTS.handover,
+    show_default=True,
+    help="Before the time limit, start a replacement and drain once it is READY; "
+    "--no-handover: let replicas end at the time limit.",
+)
 @click.option("--wait/--no-wait", "wait_", default=False, help="Wait until every replica is READY.")
-@click.option("--timeout", type=float, default=600.0, show_default=True, help="For --wait.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=DEFAULTS.ready_timeout_s,
+    show_default=True,
+    help="For --wait.",
+)
 @click.option("--dry-run", is_flag=True, help="Check and print the job script; queue nothing.")
 @json_option
 def start(
@@ -93,8 +128,8 @@ def start(
     repo: str | None,
     max_batch_size: int,
     max_wait_ms: float,
-    no_batching: bool,
-    no_handover: bool,
+    batching: bool,
+    handover: bool,
     wait_: bool,
     timeout: float,
     dry_run: bool,
@@ -108,8 +143,8 @@ def start(
     opts = ServeOptions(
         ref=ref, replicas=replicas, gpus=gpus, cpus=cpus, time=time_limit,
         reservation=reservation, partition=partition, port=port, repo=repo,
-        max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batching=not no_batching,
-        handover=not no_handover,
+        max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batching=batching,
+        handover=handover,
     )  # fmt: skip
     sub = start_service(site, opts, dry_run=dry_run)
     summary: dict[str, Any] = {**sub.to_dict(), "model": ref, "replicas": replicas}
@@ -151,7 +186,7 @@ def _wait_with_progress(site: Any, run_dir: Any, replicas: int, timeout: float, 
 @click.option(
     "--timeout",
     type=float,
-    default=600.0,
+    default=DEFAULTS.ready_timeout_s,
     show_default=True,
     help="Longest wait for the new replicas.",
 )

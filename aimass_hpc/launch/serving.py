@@ -27,12 +27,14 @@ import httpx
 
 from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError, SchedulerError
 from aimass_hpc.common.fsutil import read_json
-from aimass_hpc.common.names import SLURM_NAME, check_tree, shown
+from aimass_hpc.common.names import SLURM_NAME, check_tree
 from aimass_hpc.config.job_spec import JobRequest, request_from_mapping
 from aimass_hpc.config.site import Site
 from aimass_hpc.launch.scheduler import JobState, get_scheduler
 from aimass_hpc.launch.submit import Submission, submit
+from aimass_hpc.repo.refs import Ref
 from aimass_hpc.serve.auth import ensure_token, token_path
+from aimass_hpc.serve.defaults import DEFAULTS
 from aimass_hpc.serve.endpoints import (
     FINAL_STATES,
     EndpointRecord,
@@ -51,19 +53,19 @@ class ServeOptions:
     """What ``aimass serve`` asks for."""
 
     ref: str
-    replicas: int = 1
-    gpus: int = 0
-    cpus: int = 2  # one for HTTP, one for the forward (more for torch threads)
+    replicas: int = DEFAULTS.replicas
+    gpus: int = DEFAULTS.gpus
+    cpus: int = DEFAULTS.cpus  # one for HTTP, one for the forward (more for torch threads)
     time: str | None = None
     reservation: str | None = None
     partition: str | None = None
-    port: int = 0
+    port: int = DEFAULTS.port
     repo: str | None = None  # default: the site's model repository
-    max_batch_size: int = 64
-    max_wait_ms: float = 2.0
-    batching: bool = True
-    threads: int | None = None  # torch threads; default cpus - 1
-    handover: bool = True
+    max_batch_size: int = DEFAULTS.max_batch_size
+    max_wait_ms: float = DEFAULTS.max_wait_ms
+    batching: bool = DEFAULTS.batching
+    threads: int | None = DEFAULTS.threads  # torch threads; None: cpus - 1
+    handover: bool = DEFAULTS.handover
     mem: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # more `serve` options, passed as-is
 
@@ -103,30 +105,14 @@ def check_serve_options(opts: ServeOptions, where: str = "serve") -> None:
         },
         where,
     )
-    try:
-        parse_model_ref(opts.ref)
-    except InputError as exc:
-        raise InputError(f"{where}.ref: {exc}") from None
+    Ref.parse(opts.ref, f"{where}.ref")
     for key in ("reservation", "partition"):
         value = getattr(opts, key)
         if value is not None:
             SLURM_NAME.check(value, f"{where}.{key}")
 
 
-def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """(name, version, alias) of ``NAME``, ``NAME:VERSION`` or ``NAME@ALIAS``."""
-    from aimass_hpc.repo import parse_ref
-
-    try:
-        parsed = parse_ref(ref)
-    except (ValueError, InputError) as exc:
-        raise InputError(f"model ref {shown(ref)}: {exc}") from None
-    version = getattr(parsed, "version", None)
-    alias = getattr(parsed, "alias", None)
-    return parsed.name, None if version is None else str(version), alias
-
-
-def check_model(repo: str, ref: str) -> int:
+def check_model(repo: str, ref: str | Ref) -> int:
     """The version ``ref`` names now; refuses a model whose recipe cannot be served."""
     from aimass_hpc.repo import ModelRepository
     from aimass_hpc.serve.model_loader import parse_recipe
@@ -143,7 +129,7 @@ def plan_service(site: Site, opts: ServeOptions) -> tuple[JobRequest, dict[str, 
     check_serve_options(opts)
     repo = str(Path(opts.repo).expanduser()) if opts.repo else str(site.models_root)
     version = check_model(repo, opts.ref)
-    name, _, _ = parse_model_ref(opts.ref)
+    name = Ref.parse(opts.ref).name
     threads = opts.threads or max(1, opts.cpus - 1)
     request = request_from_mapping(
         {
@@ -177,7 +163,7 @@ def start_service(
         return sub
     run_dir = sub.run_dir.path
     ensure_token(run_dir)
-    name, _, _ = parse_model_ref(opts.ref)
+    name = Ref.parse(opts.ref).name
     for i in range(opts.replicas):
         write_record(
             EndpointRecord(
@@ -217,9 +203,10 @@ def reconcile(site: Site, records: list[EndpointRecord]) -> list[EndpointRecord]
 
 
 def list_endpoints(
-    site: Site, target: str | None = None, *, include_final: bool = False
+    site: Site, target: str | Ref | None = None, *, include_final: bool = False
 ) -> list[EndpointRecord]:
-    """Records under the site's runs root (reconciled with the scheduler)."""
+    """Records under the site's runs root (reconciled with the scheduler); ``target`` as in
+    :meth:`EndpointRecord.matches` (``NAME``, ``NAME:N``, ``NAME:latest``, ``NAME@ALIAS``)."""
     records = reconcile(site, find_records(site.runs_root, target))
     if not include_final:
         records = [r for r in records if EndpointState(r.state) not in FINAL_STATES]
@@ -247,7 +234,7 @@ def wait_ready(
     run_dir: Path,
     replicas: int,
     *,
-    timeout: float = 600.0,
+    timeout: float = DEFAULTS.ready_timeout_s,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[EndpointRecord]:
     """Wait until ``replicas`` replicas of ``run_dir`` are READY; FAILED or timeout raises."""
@@ -287,7 +274,9 @@ def stop_records(site: Site, records: Iterable[EndpointRecord]) -> list[str]:
     return active
 
 
-def wait_stopped(records: Iterable[EndpointRecord], timeout: float = 120.0) -> None:
+def wait_stopped(
+    records: Iterable[EndpointRecord], timeout: float = DEFAULTS.stop_timeout_s
+) -> None:
     """Wait until the given replicas' records are final (drained)."""
     keys = {(r.run_dir, r.key) for r in records}
     deadline = time.monotonic() + timeout
@@ -310,20 +299,20 @@ def service_options(run_dir: Path) -> ServeOptions:
     }  # fmt: skip
     return ServeOptions(
         ref=serve["model"],
-        replicas=int(serve.get("replicas", 1)),
-        gpus=int(req.get("gpus_per_node") or 0),
-        cpus=int(req.get("cpus_per_task") or 2),
+        replicas=int(serve.get("replicas", DEFAULTS.replicas)),
+        gpus=int(req.get("gpus_per_node") or DEFAULTS.gpus),
+        cpus=int(req.get("cpus_per_task") or DEFAULTS.cpus),
         time=req.get("time"),
         reservation=req.get("reservation"),
         partition=req.get("partition"),
         mem=req.get("mem"),
-        port=int(serve.get("port", 0)),
+        port=int(serve.get("port", DEFAULTS.port)),
         repo=serve.get("repo"),
-        max_batch_size=int(serve.get("max_batch_size", 64)),
-        max_wait_ms=float(serve.get("max_wait_ms", 2.0)),
-        batching=bool(serve.get("batching", True)),
-        threads=serve.get("threads"),
-        handover=bool(serve.get("handover", True)),
+        max_batch_size=int(serve.get("max_batch_size", DEFAULTS.max_batch_size)),
+        max_wait_ms=float(serve.get("max_wait_ms", DEFAULTS.max_wait_ms)),
+        batching=bool(serve.get("batching", DEFAULTS.batching)),
+        threads=serve.get("threads", DEFAULTS.threads),
+        handover=bool(serve.get("handover", DEFAULTS.handover)),
         extra={k: v for k, v in serve.items() if k not in known},
     )
 
@@ -347,19 +336,21 @@ def upgrade(
     site: Site,
     ref: str,
     *,
-    timeout: float = 600.0,
+    timeout: float = DEFAULTS.ready_timeout_s,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> UpgradeResult:
     """Blue/green: serve what ``ref`` names now beside the old replicas, then drain them."""
-    old = [r for r in list_endpoints(site, ref) if r.model_ref == ref]
+    # The same reference, however it was written (NAME = NAME:latest = NAME@latest).
+    want = Ref.parse(ref, "ref")
+    old = [r for r in list_endpoints(site, want) if r.parsed_ref == want]
     if not old:
         raise NotFoundError(f"no running service for {ref!r} under {site.runs_root}")
     run_dirs = sorted({r.run_dir for r in old}, key=lambda d: max(
         r.started for r in old if r.run_dir == d))  # fmt: skip
     opts = service_options(Path(run_dirs[-1]))
     repo = opts.repo or str(site.models_root)
-    target = str(check_model(repo, ref))
+    target = str(check_model(repo, want))
     old_versions = sorted({str(r.version) for r in old if r.version is not None})
     if not force and old_versions == [target] and all(r.state == "READY" for r in old):
         return UpgradeResult(ref, old_versions, target, None, None, [])
@@ -377,7 +368,7 @@ def upgrade(
         stop_records(site, new)
         raise ConflictError(f"new replicas serve version(s) {got}, expected {target}")
     stopped = stop_records(site, old)
-    wait_stopped(old, timeout=120.0)
+    wait_stopped(old)
     return UpgradeResult(ref, old_versions, target, str(sub.run_dir.path), sub.job_id, stopped)
 
 

@@ -1,10 +1,15 @@
-"""Model references (``name``, ``name:7``, ``name:latest``, ``name@prod``).
+"""Model references (``NAME``, ``NAME:7``, ``NAME:latest``, ``NAME@prod``): the one parser.
+
+Every place that takes a model reference -- the repository API, ``aimass models``, ``aimass
+serve`` / ``endpoints`` / ``bench``, the serve replica, the search driver -- parses it here,
+with :meth:`Ref.parse`, and compares parsed :class:`Ref` values, never the text: ``NAME``,
+``NAME:latest`` and ``NAME@latest`` are one reference (``Ref(NAME)``).
 
 Names, aliases and shard keys become file names on a shared filesystem, so they are restricted
 to a portable character set: letters, digits, ``.``, ``_`` and ``-``, not starting with a dot
 or a dash (no hidden files, no option look-alikes), at most 128 characters. The rule itself
-lives in :mod:`aimass_hpc.common.names` (``MODEL_NAME``), shared with the train, search and serve
-specs, so a name a spec accepts is one the repository accepts.
+lives in :mod:`aimass_hpc.common.names` (``MODEL_NAME``, a full-string match), shared with the
+train, search and serve specs, so a name a spec accepts is one the repository accepts.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aimass_hpc.common.errors import InputError
-from aimass_hpc.common.names import ALIAS_NAME, MODEL_NAME, SHARD_KEY, Rule
+from aimass_hpc.common.names import ALIAS_NAME, MODEL_NAME, SHARD_KEY, Rule, shown
 
 LATEST = "latest"
+FORMS = "NAME, NAME:VERSION, NAME:latest or NAME@ALIAS"
 _RULES: dict[str, Rule] = {"model name": MODEL_NAME, "alias": ALIAS_NAME, "shard key": SHARD_KEY}
 
 
@@ -35,16 +41,64 @@ def check_alias(alias: str) -> str:
     return alias
 
 
+def _in(where: str, message: str) -> InputError:
+    """``InputError`` whose one-line message starts with ``where`` (when given)."""
+    return InputError(f"{where}: {message}" if where else message)
+
+
 @dataclass(frozen=True)
 class Ref:
-    """A parsed reference: exactly one of ``version`` / ``alias`` or neither (= latest)."""
+    """A parsed reference: exactly one of ``version`` / ``alias`` or neither (= latest).
+
+    ``latest`` is never stored as an alias: ``Ref.parse("m@latest") == Ref("m")``.
+    """
 
     name: str
     version: int | None = None
     alias: str | None = None
 
+    @classmethod
+    def parse(cls, text: str | Ref, where: str = "") -> Ref:
+        """Parse ``NAME``, ``NAME:VERSION``, ``NAME:latest``, ``NAME@ALIAS`` or ``NAME@latest``.
+
+        A bad reference is an ``InputError`` with a one-line message starting with ``where``
+        (e.g. ``serve.ref`` or ``target``). A ``Ref`` is returned as is.
+
+        >>> Ref.parse("resnet:3")
+        Ref(name='resnet', version=3, alias=None)
+        """
+        if isinstance(text, Ref):
+            return text
+        if not isinstance(text, str) or not text:
+            raise _in(where, f"invalid model reference {shown(text)}: expected {FORMS}")
+        name, at, alias = text.partition("@")
+        name, colon, version = name.partition(":")
+        if at and colon:
+            raise _in(
+                where,
+                f"invalid model reference {shown(text)}: give :VERSION or @ALIAS, not both",
+            )
+        try:
+            check_name(name)
+            if at:
+                check_name(alias, "alias")
+        except InputError as exc:
+            raise _in(where, str(exc)) from None
+        if at:
+            return cls(name, alias=None if alias == LATEST else alias)
+        if not colon or version == LATEST:
+            return cls(name)
+        if not (version.isascii() and version.isdigit()) or int(version) < 1:
+            raise _in(
+                where,
+                f"invalid version {shown(version)} in model reference {shown(text)}: "
+                "expected a positive integer or 'latest'",
+            )
+        return cls(name, version=int(version))
+
     @property
     def is_latest(self) -> bool:
+        """True for ``NAME`` (= ``NAME:latest`` = ``NAME@latest``)."""
         return self.version is None and self.alias in (None, LATEST)
 
     def __str__(self) -> str:
@@ -55,30 +109,6 @@ class Ref:
         return self.name
 
 
-def parse_ref(ref: str | Ref) -> Ref:
-    """Parse ``name``, ``name:VERSION``, ``name:latest`` or ``name@ALIAS``.
-
-    >>> parse_ref("resnet:3")
-    Ref(name='resnet', version=3, alias=None)
-    """
-    if isinstance(ref, Ref):
-        return ref
-    if not isinstance(ref, str) or not ref:
-        raise InputError(f"invalid model reference {ref!r}: expected name, name:N or name@alias")
-    if "@" in ref:
-        name, _, alias = ref.partition("@")
-        check_name(name)
-        check_name(alias, "alias")
-        return Ref(name, alias=None if alias == LATEST else alias)
-    if ":" in ref:
-        name, _, version = ref.partition(":")
-        check_name(name)
-        if version == LATEST:
-            return Ref(name)
-        if not (version.isascii() and version.isdigit()) or int(version) < 1:
-            raise InputError(
-                f"invalid version {version!r} in model reference {ref!r}: "
-                "expected a positive integer or 'latest'"
-            )
-        return Ref(name, version=int(version))
-    return Ref(check_name(ref))
+def parse_ref(ref: str | Ref, where: str = "") -> Ref:
+    """:meth:`Ref.parse` as a function (the repository API's historical name)."""
+    return Ref.parse(ref, where)

@@ -39,29 +39,22 @@ from typing import Any
 
 from aimass_hpc.common.errors import AimassError
 from aimass_hpc.common.slurm_cli import digits_or_none, parse_signal
+from aimass_hpc.serve.defaults import DEFAULTS
 
-DEFAULTS: dict[str, Any] = {
-    "host": "auto",
-    "port": 0,
-    "port_range": None,
-    "device": "auto",
-    "max_batch_size": 64,
-    "max_wait_ms": 2.0,
-    "batching": True,
-    "max_body_bytes": 64 * 1024 * 1024,
-    "max_queue": 4096,
-    "drain_grace_s": 3.0,
-    "drain_timeout_s": 30.0,
-    "threads": None,
-    "log_level": "warning",
-    "handover": False,
-    "restarts": 0,
-    "warning_signal": "USR1",
-    "switch_interval_ms": None,
-}
+# What a replica does when neither the command line, spec.json nor the job environment says:
+# the one home of serve defaults (aimass_hpc/serve/defaults.py). The argparse options below
+# default to None so that "not given" can fall through to spec.json and the environment.
+REPLICA_DEFAULTS: dict[str, Any] = DEFAULTS.replica_options()
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _default(key: str) -> str:
+    """`` (default: X)`` for a help text, from the one home."""
+    return f" (default: {getattr(DEFAULTS, key)})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The replica's command line. Every option defaults to None ("not given"): what is not
+    given comes from spec.json, the job environment, then :data:`REPLICA_DEFAULTS`."""
     p = argparse.ArgumentParser(
         prog="python -m aimass_hpc.serve",
         description=__doc__,
@@ -74,22 +67,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", type=Path, help="state dict saved with torch.save (with --recipe)")
     p.add_argument("--name", help="model name to report (with --recipe; else from --model)")
     p.add_argument("--version", dest="model_version", help="version to report (with --recipe)")
-    p.add_argument("--host", help="address to bind; 'auto' = this node's cluster address")
-    p.add_argument("--port", type=int, help="port to bind; 0 = any free port")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--max-batch-size", type=int, help="rows per forward and per request")
-    p.add_argument("--max-wait-ms", type=float, help="longest wait to fill a batch")
+    p.add_argument(
+        "--host", help="address to bind; 'auto' = this node's cluster address" + _default("host")
+    )
+    p.add_argument("--port", type=int, help="port to bind; 0 = any free port" + _default("port"))
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N" + _default("device"))
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="rows per forward and per request" + _default("max_batch_size"),
+    )
+    p.add_argument(
+        "--max-wait-ms", type=float, help="longest wait to fill a batch" + _default("max_wait_ms")
+    )
     p.add_argument(
         "--no-batching",
         dest="batching",
         action="store_const",
         const=False,
-        help="forward every request alone",
+        help="forward every request alone (default: batching on)",
     )
-    p.add_argument("--max-body-bytes", type=int, help="largest request body")
-    p.add_argument("--max-queue", type=int, help="queued requests before 503")
-    p.add_argument("--drain-grace-s", type=float, help="answer this long after DRAINING")
-    p.add_argument("--drain-timeout-s", type=float, help="longest wait for in-flight requests")
+    p.add_argument(
+        "--max-body-bytes", type=int, help="largest request body" + _default("max_body_bytes")
+    )
+    p.add_argument(
+        "--max-queue", type=int, help="queued requests before 503" + _default("max_queue")
+    )
+    p.add_argument(
+        "--drain-grace-s",
+        type=float,
+        help="answer this long after DRAINING" + _default("drain_grace_s"),
+    )
+    p.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        help="longest wait for in-flight requests" + _default("drain_timeout_s"),
+    )
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument(
         "--switch-interval-ms",
@@ -102,11 +115,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--handover",
         action="store_const",
         const=True,
-        help="on the warning signal submit a replacement job and drain once it is READY",
+        help="on the warning signal submit a replacement job and drain once it is READY"
+        + _default("handover"),
     )
-    p.add_argument("--restarts", type=int, help="restart a crashed replica up to N times")
-    p.add_argument("--log-level", help="debug, info, warning, error")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--no-handover",
+        dest="handover",
+        action="store_const",
+        const=False,
+        help="on the warning signal just drain (the replica ends with its job)",
+    )
+    p.add_argument(
+        "--restarts",
+        type=int,
+        help="restart a crashed replica up to N times" + _default("restarts"),
+    )
+    p.add_argument("--log-level", help="debug, info, warning, error" + _default("log_level"))
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """``argv`` parsed by :func:`build_parser` (unset options are None)."""
+    return build_parser().parse_args(argv)
 
 
 def _spec_options(run_dir: Path) -> dict[str, Any]:
@@ -148,7 +178,7 @@ def resolve_options(args: argparse.Namespace, env: dict[str, str] | None = None)
     run_dir = args.run_dir or (Path(env["AIMASS_RUN_DIR"]) if env.get("AIMASS_RUN_DIR") else None)
     if run_dir is None:
         raise SystemExit("python -m aimass_hpc.serve: give --run-dir (or set AIMASS_RUN_DIR)")
-    out = dict(DEFAULTS)
+    out = dict(REPLICA_DEFAULTS)
     out.update(_env_options(env))
     out.update({k: v for k, v in _spec_options(run_dir).items() if v is not None})
     out.update({k: v for k, v in vars(args).items() if v is not None})
@@ -156,17 +186,20 @@ def resolve_options(args: argparse.Namespace, env: dict[str, str] | None = None)
     return out
 
 
-def make_loader(opts: dict[str, Any]) -> tuple[str, Callable[[], Any]]:
-    """(model ref, a function that loads the model) from the resolved options."""
+def make_loader(opts: dict[str, Any]) -> tuple[str, str, Callable[[], Any]]:
+    """(model ref, model name, a function that loads the model) from the resolved options."""
     from aimass_hpc.common.errors import InputError
+    from aimass_hpc.repo.refs import Ref
     from aimass_hpc.serve import model_loader
 
     device = opts["device"]
+    model = opts.get("model")
     if opts.get("recipe"):
         recipe = json.loads(Path(opts["recipe"]).read_text(encoding="utf-8"))
-        model = opts.get("model")
-        name = opts.get("name") or (model and model.split("@")[0].split(":")[0])
-        name = name or Path(opts["recipe"]).stem
+        name = str(
+            opts.get("name")
+            or (Ref.parse(model, "model").name if model else Path(opts["recipe"]).stem)
+        )
         version = opts.get("model_version")
         ref = model or (name if version is None else f"{name}:{version}")
 
@@ -175,11 +208,12 @@ def make_loader(opts: dict[str, Any]) -> tuple[str, Callable[[], Any]]:
                 recipe, opts.get("weights"), name=name, version=version, device=device
             )
 
-        return ref, load_files
-    if not opts.get("model") or not opts.get("repo"):
+        return ref, name, load_files
+    if not model or not opts.get("repo"):
         raise InputError("give --model and --repo (or --recipe)")
-    ref, repo = opts["model"], opts["repo"]
-    return ref, lambda: model_loader.load_from_repository(repo, ref, device=device)
+    repo = opts["repo"]
+    name = Ref.parse(model, "model").name
+    return model, name, lambda: model_loader.load_from_repository(repo, model, device=device)
 
 
 def supervise(argv: list[str], restarts: int, warning_signal: str | int = "USR1") -> int:
@@ -248,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(opts["run_dir"]).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        ref, loader = make_loader(opts)
+        ref, name, loader = make_loader(opts)
     except AimassError as exc:
         print(f"aimass serve: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -256,9 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     replica_opts = ReplicaOptions(
         run_dir=run_dir,
         model_ref=ref,
+        model_name=name,
         host=str(opts["host"]),
         port=int(opts["port"]),
-        port_range=tuple(port_range) if port_range else None,  # type: ignore[arg-type]
+        port_range=(int(port_range[0]), int(port_range[1])) if port_range else None,
         warning_signal=str(opts["warning_signal"]),
         config=ServeConfig(
             max_batch_size=int(opts["max_batch_size"]),

@@ -51,6 +51,7 @@ from aimass_hpc.serve.codec import (
     media_type_of,
     wants_npy,
 )
+from aimass_hpc.serve.defaults import DEFAULTS
 from aimass_hpc.serve.metrics import MetricsMiddleware, ServeMetrics
 from aimass_hpc.serve.model_loader import ServedModel
 
@@ -75,11 +76,11 @@ class Phase(StrEnum):
 class ServeConfig:
     """Limits and batching knobs of one replica."""
 
-    max_batch_size: int = 64  # rows per forward, and per request
-    max_wait_ms: float = 2.0
-    batching: bool = True
-    max_body_bytes: int = 64 * 1024 * 1024
-    max_queue: int = 4096
+    max_batch_size: int = DEFAULTS.max_batch_size  # rows per forward, and per request
+    max_wait_ms: float = DEFAULTS.max_wait_ms
+    batching: bool = DEFAULTS.batching
+    max_body_bytes: int = DEFAULTS.max_body_bytes
+    max_queue: int = DEFAULTS.max_queue
 
 
 @dataclass

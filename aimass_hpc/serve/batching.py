@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aimass_hpc.serve.defaults import DEFAULTS
+
 log = logging.getLogger(__name__)
 
 ForwardFn = Callable[[np.ndarray], np.ndarray]
@@ -75,10 +77,10 @@ class DynamicBatcher:
         self,
         forward: ForwardFn,
         *,
-        max_batch_size: int = 64,
-        max_wait_ms: float = 2.0,
-        batching: bool = True,
-        max_queue: int = 4096,
+        max_batch_size: int = DEFAULTS.max_batch_size,
+        max_wait_ms: float = DEFAULTS.max_wait_ms,
+        batching: bool = DEFAULTS.batching,
+        max_queue: int = DEFAULTS.max_queue,
         observer: BatchObserver | None = None,
         name: str = "aimass-batcher",
     ) -> None:

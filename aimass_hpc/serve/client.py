@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 
 from aimass_hpc.common.errors import InputError, NotFoundError, SchedulerError
+from aimass_hpc.repo.refs import Ref
 from aimass_hpc.serve.auth import TOKEN_ENV, read_token
 from aimass_hpc.serve.codec import JSON_MEDIA_TYPE, NPY_MEDIA_TYPE, decode_npy, encode_npy
 from aimass_hpc.serve.endpoints import FINAL_STATES, EndpointRecord, EndpointState, find_records
@@ -132,8 +133,12 @@ class _Pool:
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         self.static = target.startswith(("http://", "https://"))
         root = runs_root if runs_root is not None else os.environ.get(RUNS_ROOT_ENV)
-        if not self.static and root is None:
-            raise InputError(f"cannot resolve {target!r}: give runs_root= or set ${RUNS_ROOT_ENV}")
+        if not self.static:
+            Ref.parse(target, "target")  # a bad reference fails here, in one line
+            if root is None:
+                raise InputError(
+                    f"cannot resolve {target!r}: give runs_root= or set ${RUNS_ROOT_ENV}"
+                )
         self.runs_root = Path(root) if root is not None else None
         self.live: list[Endpoint] = []
         self.bad: set[str] = set()

@@ -23,7 +23,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from aimass_hpc.common.errors import InputError
 from aimass_hpc.common.fsutil import atomic_write_json, read_json
+from aimass_hpc.repo.refs import Ref
 
 ENDPOINTS_DIRNAME = "endpoints"
 # How deep under a runs root run directories may sit (runs/<id>/ or runs/<kind>/<id>/...).
@@ -53,7 +55,7 @@ def now_iso() -> str:
 class EndpointRecord:
     """One replica of a service, as written to ``<run_dir>/endpoints/``."""
 
-    model_ref: str  # what was asked for: name@alias, name:version or name
+    model_ref: str  # what was asked for: name@alias, name:version or name (see .parsed_ref)
     model_name: str
     version: str | None  # the version the ref resolved to
     state: str
@@ -98,14 +100,32 @@ class EndpointRecord:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def matches(self, target: str) -> bool:
-        """Does this replica serve ``target`` (name, name:VERSION or name@ALIAS)?"""
-        if "@" in target:
-            return self.model_ref == target
-        if ":" in target:
-            name, _, version = target.partition(":")
-            return self.model_name == name and str(self.version) == version
-        return self.model_name == target
+    @property
+    def parsed_ref(self) -> Ref | None:
+        """``model_ref`` parsed, or None when it is not a repository reference (a replica
+        started from a recipe file announces what it was given)."""
+        try:
+            return Ref.parse(self.model_ref)
+        except InputError:
+            return None
+
+    def matches(self, target: str | Ref) -> bool:
+        """Does this replica serve ``target``? Parsed references are compared, never text:
+
+        * ``NAME`` (= ``NAME:latest`` = ``NAME@latest``): every replica of the model;
+        * ``NAME:N``: replicas serving version N, or started as ``NAME:N`` (still PENDING);
+        * ``NAME@ALIAS``: replicas started as ``NAME@ALIAS`` (what an upgrade switches).
+
+        A bad ``target`` is an ``InputError`` naming it.
+        """
+        want = Ref.parse(target, "target")
+        if self.model_name != want.name:
+            return False
+        if want.alias is not None:
+            return self.parsed_ref == want
+        if want.version is not None:
+            return str(self.version) == str(want.version) or self.parsed_ref == want
+        return True
 
 
 def record_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -144,7 +164,7 @@ def _read_files(paths: Iterable[Path]) -> list[EndpointRecord]:
 
 def find_records(
     runs_root: str | os.PathLike[str],
-    target: str | None = None,
+    target: str | Ref | None = None,
     states: Iterable[str] | None = None,
 ) -> list[EndpointRecord]:
     """Records under a runs root (run dirs up to a few levels deep), filtered.
@@ -157,11 +177,12 @@ def find_records(
     for depth in range(_SEARCH_DEPTH + 1):
         paths.extend(root.glob("/".join(["*"] * depth + [pattern])))
     wanted = {str(EndpointState(s)) for s in states} if states is not None else None
+    want = Ref.parse(target, "target") if target is not None else None  # bad: one clear error
     out = []
     for rec in _read_files(paths):
         if wanted is not None and rec.state not in wanted:
             continue
-        if target is not None and not rec.matches(target):
+        if want is not None and not rec.matches(want):
             continue
         out.append(rec)
     return out

@@ -215,11 +215,13 @@ def load_from_repository(
 ) -> ServedModel:
     """Load ``ref`` (name, name:VERSION, name@ALIAS) from the model repository."""
     from aimass_hpc.repo import ModelRepository  # the repository is optional until serving
+    from aimass_hpc.repo.refs import Ref
 
-    ckpt = ModelRepository(repo_path).load(ref)
+    parsed = Ref.parse(ref, "model")
+    ckpt = ModelRepository(repo_path).load(parsed)
     version_obj = getattr(ckpt, "version", None)
     metadata = dict(getattr(version_obj, "metadata", None) or {})
-    name = getattr(version_obj, "name", None) or ref.split("@")[0].split(":")[0]
+    name = getattr(version_obj, "name", None) or parsed.name
     number = getattr(version_obj, "version", None)
     if number is None:
         number = getattr(version_obj, "number", None)

@@ -30,10 +30,12 @@ import httpx
 import uvicorn
 
 from aimass_hpc.common.slurm_cli import job_ref_from_env, parse_signal
+from aimass_hpc.repo.refs import Ref
 from aimass_hpc.serve.app import Phase, ServeConfig, ServiceState, create_app
 from aimass_hpc.serve.auth import ensure_token, token_path
 from aimass_hpc.serve.batching import DynamicBatcher
 from aimass_hpc.serve.codec import encode_npy
+from aimass_hpc.serve.defaults import DEFAULTS
 from aimass_hpc.serve.endpoints import (
     EndpointRecord,
     EndpointState,
@@ -45,7 +47,8 @@ from aimass_hpc.serve.model_loader import ServedModel
 
 log = logging.getLogger("aimass.serve")
 
-WARNING_SIGNAL = signal.SIGUSR1  # the default; the site's preemption.signal in a job
+# The default (serve/defaults.py); a job takes the site's preemption.signal.
+WARNING_SIGNAL = signal.Signals(parse_signal(DEFAULTS.warning_signal))
 
 
 def signal_number(name: str | int | None) -> int:
@@ -67,16 +70,17 @@ class ReplicaOptions:
 
     run_dir: Path
     model_ref: str
-    host: str = "auto"  # "auto": this node's cluster address; never 0.0.0.0 unless asked
-    port: int = 0  # 0: any free port (the record tells clients which)
+    model_name: str | None = None  # default: the name in model_ref
+    host: str = DEFAULTS.host  # "auto": this node's cluster address; never 0.0.0.0 unless asked
+    port: int = DEFAULTS.port  # 0: any free port (the record tells clients which)
     port_range: tuple[int, int] | None = None  # with port 0: pick a free one in this range
-    warning_signal: str = "USR1"
+    warning_signal: str = DEFAULTS.warning_signal
     config: ServeConfig = field(default_factory=ServeConfig)
     job_id: str | None = None
     replica: int | None = None
-    drain_grace_s: float = 3.0
-    drain_timeout_s: float = 30.0
-    log_level: str = "warning"
+    drain_grace_s: float = DEFAULTS.drain_grace_s
+    drain_timeout_s: float = DEFAULTS.drain_timeout_s
+    log_level: str = DEFAULTS.log_level
 
 
 def job_identity(opts: ReplicaOptions) -> tuple[str, int, str]:
@@ -138,7 +142,7 @@ class Replica:
         self.state = ServiceState(config=opts.config)
         self.metrics = ServeMetrics(frozenset())
         job_id, replica, node = job_identity(opts)
-        name = opts.model_ref.split("@")[0].split(":")[0]
+        name = opts.model_name or Ref.parse(opts.model_ref, "model_ref").name
         self.record = EndpointRecord(
             model_ref=opts.model_ref,
             model_name=name,

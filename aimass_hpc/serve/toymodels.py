@@ -7,6 +7,7 @@ service can be tried, tested and benchmarked without any user code on the path.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ def slow_mlp(
 def recipe(
     factory: str = "aimass_hpc.serve.toymodels:mlp",
     input_shape: list[int] | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> dict:
     """A recipe dict for one of these factories.
 
@@ -70,10 +71,10 @@ def recipe(
     """
     if input_shape is None:
         if factory.endswith(":cnn"):
-            size = int(kwargs.get("size", 32))  # type: ignore[arg-type]
-            input_shape = [int(kwargs.get("channels", 3)), size, size]  # type: ignore[arg-type]
+            size = int(kwargs.get("size", 32))
+            input_shape = [int(kwargs.get("channels", 3)), size, size]
         else:
-            input_shape = [int(kwargs.get("in_features", 16))]  # type: ignore[arg-type]
+            input_shape = [int(kwargs.get("in_features", 16))]
     return {
         "factory": factory,
         "kwargs": kwargs,
