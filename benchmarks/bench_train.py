@@ -8,9 +8,17 @@
    (torch.distributed set up by hand). Needs the local Slurm cluster. Target: ratio <= 1.1.
 3. With ``--device cuda``: samples/s of the synthetic model through the trainer vs the plain
    loop on one GPU (run it where a GPU is present).
+4. CLI start-up (login side, part of 2): wall time of ``aimass --version`` and of
+   ``aimass train examples/digits/spec.toml --dry-run`` (start-up + site load + render +
+   ``bash -n``) as subprocesses, against a bare ``python -c pass``; then the top-level imports
+   of ``aimass train --help`` and of that dry run by ``-X importtime`` cumulative time (median
+   over the runs). ``--bytecode-cache`` gives these subprocesses a private
+   ``PYTHONPYCACHEPREFIX`` (what an installed package has) where ``PYTHONDONTWRITEBYTECODE``
+   would make every start compile the package's sources again.
 
-    .venv/bin/python benchmarks/bench_train.py                 # both, on the dev cluster
-    .venv/bin/python benchmarks/bench_train.py --skip-launch   # overhead only, no Slurm
+    .venv/bin/python benchmarks/bench_train.py                 # all, on the dev cluster
+    .venv/bin/python benchmarks/bench_train.py --skip-launch   # overhead + CLI, no Slurm jobs
+    .venv/bin/python benchmarks/bench_train.py --skip-overhead --skip-launch  # CLI only
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -276,6 +285,117 @@ def launch(
         }
 
 
+# ----------------------------------------------------------------------------- CLI start-up
+
+DIGITS_SPEC = ROOT / "examples" / "digits" / "spec.toml"
+
+
+def _cli_env(bytecode_dir: Path | None) -> dict[str, str]:
+    """The environment of the measured commands; with ``bytecode_dir`` compiled modules are
+    kept there (and reused) even where ``PYTHONDONTWRITEBYTECODE`` is set."""
+    env = dict(os.environ)
+    if bytecode_dir is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(bytecode_dir)
+    return env
+
+
+def _child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_times(
+    argv: list[str], env: dict[str, str], repeats: int
+) -> tuple[list[float], list[float]]:
+    """Wall and CPU (user + sys, its children included) seconds of ``argv`` run ``repeats``
+    times, after one unmeasured warm-up run. CPU time moves less than wall time when other
+    work shares the machine."""
+    subprocess.run(argv, env=env, capture_output=True, check=True)
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c0, t0 = _child_cpu(), time.perf_counter()
+        subprocess.run(argv, env=env, capture_output=True, check=True)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(_child_cpu() - c0)
+    return walls, cpus
+
+
+def _top_imports(argv: list[str], env: dict[str, str], repeats: int, top: int) -> list[dict]:
+    """The ``top`` top-level imports of ``python -X importtime ARGV`` by median cumulative time.
+
+    Top level means imported by the command itself, not by another module: a module the
+    command imports inside a function (``aimass_hpc.config.site`` in ``train``) shows here.
+    """
+    seen: dict[str, list[tuple[int, int]]] = {}
+    for _ in range(repeats):
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", *argv],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        for line in proc.stderr.splitlines():
+            if not line.startswith("import time:") or "cumulative" in line:
+                continue
+            self_us, cum_us, name = line.removeprefix("import time:").split("|")
+            if len(name) - len(name.lstrip()) != 1:  # nested: inside its importer's figure
+                continue
+            seen.setdefault(name.strip(), []).append((int(self_us), int(cum_us)))
+    rows = [
+        {
+            "module": name,
+            "cumulative_ms": statistics.median(c for _, c in times) / 1e3,
+            "self_ms": statistics.median(s for s, _ in times) / 1e3,
+        }
+        for name, times in seen.items()
+    ]
+    rows.sort(key=lambda r: r["cumulative_ms"], reverse=True)
+    return rows[:top]
+
+
+def cli_startup(site_base: str, repeats: int, bytecode: bool, top: int = 8) -> dict[str, dict]:
+    """Median wall seconds of the CLI's cheapest and of its dry-run path, and their imports."""
+    with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
+        work = Path(tmp)
+        site = _bench_site(work, site_base, None)
+        env = _cli_env(work / "pycache" if bytecode else None)
+        aimass = [sys.executable, "-m", "aimass_hpc"]
+        dry_run = ["train", str(DIGITS_SPEC), "--site", site, "--dry-run"]
+        floor_walls, floor_cpus = _run_times([sys.executable, "-c", "pass"], env, repeats)
+        floor = statistics.median(floor_walls)
+        results: dict[str, dict] = {}
+        commands = {"aimass --version": ["--version"], "aimass train --dry-run": dry_run}
+        for label, args in commands.items():
+            walls, cpus = _run_times(aimass + args, env, repeats)
+            median = statistics.median(walls)
+            results[f"CLI: {label}"] = {
+                "cli_s": median,
+                "python_s": floor,
+                "ratio": median / floor,
+                "cli_cpu_s": statistics.median(cpus),
+                "python_cpu_s": statistics.median(floor_cpus),
+                "all": walls,
+                "bytecode_cache": bytecode,
+            }
+        results["CLI: aimass train --dry-run"]["imports"] = _top_imports(
+            ["-m", "aimass_hpc", *dry_run], env, repeats, top
+        )
+        results["CLI: aimass --version"]["imports"] = _top_imports(
+            ["-m", "aimass_hpc", "train", "--help"], env, repeats, top
+        )
+    return results
+
+
+def _print_imports(results: dict[str, dict]) -> None:
+    for name, r in results.items():
+        if "imports" not in r:
+            continue
+        command = "aimass train --help" if "--version" in name else name.removeprefix("CLI: ")
+        print(f"\ntop-level imports of `{command}` (-X importtime, median):")
+        print(f"  {'module':40} {'cumulative':>12} {'self':>9}")
+        for row in r["imports"]:
+            print(f"  {row['module']:40} {row['cumulative_ms']:9.1f} ms {row['self_ms']:6.1f} ms")
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -289,6 +409,13 @@ def main() -> None:
     ap.add_argument("--site", default="dev", help="bundled site to copy for the launch test")
     ap.add_argument("--launch-repeats", type=int, default=7)
     ap.add_argument("--srun-mpi", help="override the site's mpi.srun_mpi for the launch test")
+    ap.add_argument("--skip-cli", action="store_true", help="no CLI start-up measurements")
+    ap.add_argument("--cli-repeats", type=int, default=15)
+    ap.add_argument(
+        "--bytecode-cache",
+        action="store_true",
+        help="CLI start-up with compiled modules cached (a private PYTHONPYCACHEPREFIX)",
+    )
     ap.add_argument("--json", dest="json_out", help="also write the results here")
     args = ap.parse_args()
 
@@ -318,6 +445,8 @@ def main() -> None:
         if args.srun_mpi:
             label += f", srun --mpi={args.srun_mpi}"
         results[label] = launch(args.site, 1, 2, args.launch_repeats, args.srun_mpi)
+    if not args.skip_cli:
+        results.update(cli_startup(args.site, args.cli_repeats, args.bytecode_cache))
 
     print(f"\n{'benchmark':45} {'aimass':>12} {'peer':>12} {'ratio':>7} {'target':>7}")
     for name, r in results.items():
@@ -329,13 +458,25 @@ def main() -> None:
                 f"{name:45} {ours:9.3f} {unit} {peer:9.3f} {unit} {r['ratio']:7.3f} "
                 f"{target:7.2f}   ({sps:,.0f} samples/s through the trainer)"
             )
+        elif "cli_s" in r:
+            ours, peer = r["cli_s"] * 1e3, r["python_s"] * 1e3
+            cached = "; bytecode cached" if r["bytecode_cache"] else ""
+            cpu, peer_cpu = r["cli_cpu_s"] * 1e3, r["python_cpu_s"] * 1e3
+            print(
+                f"{name:45} {ours:9.0f} ms {peer:9.0f} ms {r['ratio']:7.2f} {'-':>7}   "
+                f"(CPU {cpu:.0f} ms vs {peer_cpu:.0f} ms; peer: bare interpreter{cached})"
+            )
         else:
             ours, peer, target = r["aimass_s"], r["plain_s"], 1.10
             print(
                 f"{name:45} {ours:10.2f} s {peer:10.2f} s {r['ratio']:7.3f} {target:7.2f}   "
                 f"(of which `aimass train` itself: {r['aimass_cli_s']:.2f} s)"
             )
-    print("peer: plain PyTorch loop (step time) / hand-written sbatch + srun script (launch)")
+    print(
+        "peer: plain PyTorch loop (step time) / hand-written sbatch + srun script (launch) / "
+        "`python -c pass` (CLI)"
+    )
+    _print_imports(results)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
 

@@ -90,17 +90,20 @@ def train(
         echo_dry_run(summary, sub.script, as_json)
         return
     echo_submit_note(sub.note)
-    from rich.console import Console  # only when printing: it is slow to import
+    if not as_json or wait:
+        # rich only when something goes through it: `--json` without `--wait` prints plain
+        # JSON, and rich costs tens of milliseconds to import on every submission.
+        from rich.console import Console
 
-    console = Console(stderr=as_json)
-    if not as_json:
-        console.print(
-            f"[bold]submitted[/] job {sub.job_id}: {summary['world_size']} ranks, "
-            f"backend {summary['backend']}, model {summary['model']}\n"
-            f"run dir {sub.run_dir.path}"
-        )
-    if wait:
-        summary.update(_wait(site, sub.job_id, sub.run_dir.path, console))
+        console = Console(stderr=as_json)
+        if not as_json:
+            console.print(
+                f"[bold]submitted[/] job {sub.job_id}: {summary['world_size']} ranks, "
+                f"backend {summary['backend']}, model {summary['model']}\n"
+                f"run dir {sub.run_dir.path}"
+            )
+        if wait:
+            summary.update(_wait(site, sub.job_id, sub.run_dir.path, console))
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     if wait and summary.get("state") != "COMPLETED":

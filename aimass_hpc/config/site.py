@@ -13,8 +13,6 @@ bundled ``site_configs/``. In a directory, site ``NAME`` is ``NAME.toml`` or ``N
 
 from __future__ import annotations
 
-import difflib
-import getpass
 import os
 import re
 import sys
@@ -120,6 +118,8 @@ def expand_path(value: str) -> str:
         if var in os.environ:
             return os.environ[var]
         if var == "USER":
+            import getpass  # rarely needed ($USER is nearly always set)
+
             return getpass.getuser()
         if var == "HOME":
             return str(Path.home())
@@ -391,6 +391,8 @@ class Problem:
 
 
 def _did_you_mean(word: str, options: Any) -> str:
+    import difflib  # only on an error path: keep it out of every command's start-up
+
     close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.bccache import Bucket
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -120,6 +121,36 @@ def _finalize(value: Any) -> Any:
     )
 
 
+class _CompiledTemplates(jinja2.BytecodeCache):
+    """Compiled templates kept in memory for the life of the process, keyed by template name
+    and file and checked against a hash of the source (jinja's bucket checksum).
+
+    The loaders still read every template on each render, so an edited or newly added
+    override is seen at once; only the compile step (the costly part: parse, generate, Python
+    ``compile``) is skipped when the source is unchanged. A process that renders many scripts
+    (a search driver's trials, ``aimass site check``'s four kinds, which all extend
+    ``job.j2``) compiles each template once. Only environments made by
+    :func:`template_environment` use it, so the compiled code always matches their options.
+    """
+
+    def __init__(self) -> None:
+        self._code: dict[str, tuple[str | None, Any]] = {}
+
+    def load_bytecode(self, bucket: Bucket) -> None:
+        found = self._code.get(bucket.key)
+        if found is not None and found[0] == bucket.checksum:
+            bucket.code = found[1]
+
+    def dump_bytecode(self, bucket: Bucket) -> None:
+        self._code[bucket.key] = (bucket.checksum, bucket.code)
+
+    def clear(self) -> None:
+        self._code.clear()
+
+
+_COMPILED = _CompiledTemplates()
+
+
 def template_environment(site: Site) -> jinja2.Environment:
     """The sandboxed, quoting-enforcing environment for ``site`` (override dir first)."""
     loaders: list[jinja2.BaseLoader] = []
@@ -135,6 +166,7 @@ def template_environment(site: Site) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        bytecode_cache=_COMPILED,
     )
     env.filters["q"] = shell_quote
     env.filters["sb"] = sbatch_value
