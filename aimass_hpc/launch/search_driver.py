@@ -293,8 +293,8 @@ def _log_tail(run_dir: str | None, lines: int = 1) -> str:
 
 # What the job scripts print first in every restart log (job_templates/job.j2), and the name
 # of Slurm's own output file (``#SBATCH --output=logs/slurm-%j.out``).
-_LOG_HEADER_RE = re.compile(r"^aimass: job (\d+)[_\d]* restart ")
-_BATCH_LOG_RE = re.compile(r"^slurm-(\d+)(?:_\d+)?\.out$")
+_LOG_HEADER_RE = re.compile(r"aimass: job ([0-9]+)[_0-9]* restart ")
+_BATCH_LOG_RE = re.compile(r"slurm-([0-9]+)(?:_[0-9]+)?\.out")
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,7 @@ def run_evidence(run_dir: str | os.PathLike[str] | None) -> RunEvidence:
     logs, batch = run.log_files(), run.batch_logs()
     ids: list[str] = []
     for path in batch:
-        match = _BATCH_LOG_RE.match(path.name)
+        match = _BATCH_LOG_RE.fullmatch(path.name)
         if match and match.group(1) not in ids:
             ids.append(match.group(1))
     for path in logs:
@@ -1070,8 +1070,9 @@ def driver_request(spec: SearchSpec, site: Site, sdir: SearchDir) -> JobRequest:
 def promote_best(repository: str | os.PathLike[str], ref: str) -> dict[str, Any]:
     """Point alias ``best`` at model version ``ref`` (``name:number``) in ``repository``."""
     from aimass_hpc.repo import ModelRepository
+    from aimass_hpc.repo.refs import Ref
 
-    name = re.split(r"[:@]", ref, maxsplit=1)[0]
+    name = Ref.parse(ref, "final_ref").name
     version = ModelRepository(repository).promote(name, ref, "best")
     return {"model": version.name, "version": version.number, "alias": "best"}
 
