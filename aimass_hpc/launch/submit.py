@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def submit(
     request: JobRequest,
     *,
     spec: dict[str, Any] | None = None,
-    files: dict[str, bytes | str] | None = None,
+    files: Mapping[str, bytes | str] | None = None,
     dry_run: bool = False,
     runs_root: str | os.PathLike[str] | None = None,
     scheduler: Scheduler | None = None,
