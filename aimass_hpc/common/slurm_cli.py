@@ -122,6 +122,19 @@ def parse_sbatch_parsable(stdout: str | None) -> SbatchReply:
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
+class CommandTimeout(SchedulerError):
+    """A scheduler command did not answer in time and was killed.
+
+    Unlike a refusal, the request may have reached the scheduler (``sbatch`` may have queued
+    the job), so callers must look before they retry.
+    """
+
+    def __init__(self, argv: Sequence[str], timeout: float) -> None:
+        super().__init__(f"{argv[0]} did not answer within {timeout:.0f}s")
+        self.argv = list(argv)
+        self.timeout = timeout
+
+
 def run_command(
     argv: Sequence[str],
     *,
@@ -130,7 +143,7 @@ def run_command(
     timeout: float | None = 60,
 ) -> subprocess.CompletedProcess[str]:
     """Run one Slurm command, capturing text; a tool that is missing, cannot start or does not
-    answer in ``timeout`` seconds is a SchedulerError."""
+    answer in ``timeout`` seconds is a SchedulerError (:class:`CommandTimeout` for the last)."""
     try:
         return subprocess.run(
             list(argv),
@@ -144,7 +157,7 @@ def run_command(
     except FileNotFoundError:
         raise SchedulerError(f"{argv[0]}: command not found (is Slurm installed here?)") from None
     except subprocess.TimeoutExpired:
-        raise SchedulerError(f"{argv[0]} did not answer within {timeout or 0:.0f}s") from None
+        raise CommandTimeout(argv, timeout or 0.0) from None
     except OSError as exc:  # not executable, cwd gone, ...
         raise SchedulerError(f"{argv[0]}: {exc.strerror or exc}") from None
 

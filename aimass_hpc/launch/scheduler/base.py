@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aimass_hpc.common.errors import NotFoundError, SchedulerError
-from aimass_hpc.common.slurm_cli import submission_env
+from aimass_hpc.common.slurm_cli import CommandTimeout, run_command, submission_env
 from aimass_hpc.common.slurm_states import JobState
 
 # ``submission_env`` (the environment for a command run from inside a job) lives in
@@ -83,19 +83,6 @@ class JobStatus:
         return data
 
 
-class CommandTimeout(SchedulerError):
-    """A scheduler command did not answer in time and was killed.
-
-    Unlike a refusal, the request may have reached the scheduler (``sbatch`` may have queued
-    the job), so callers must look before they retry.
-    """
-
-    def __init__(self, argv: Sequence[str], timeout: float) -> None:
-        super().__init__(f"{argv[0]} did not answer within {timeout:.0f}s")
-        self.argv = list(argv)
-        self.timeout = timeout
-
-
 class CommandRunner:
     """Runs one external command; wrap it to count or time scheduler calls."""
 
@@ -107,22 +94,7 @@ class CommandRunner:
         cwd: str | os.PathLike[str] | None = None,
         timeout: float | None = 60,
     ) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run(
-                list(argv),
-                env=dict(env) if env is not None else None,
-                cwd=cwd,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-        except FileNotFoundError:
-            raise SchedulerError(
-                f"{argv[0]}: command not found (is Slurm installed here?)"
-            ) from None
-        except subprocess.TimeoutExpired:
-            raise CommandTimeout(argv, timeout or 0.0) from None
+        return run_command(argv, env=env, cwd=cwd, timeout=timeout)
 
 
 class CountingRunner(CommandRunner):
