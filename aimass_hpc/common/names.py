@@ -44,10 +44,11 @@ from aimass_hpc.common.errors import InputError
 _SHOWN = 60  # characters of a bad value quoted in a message
 
 
-def shown(value: Any) -> str:
-    """``repr(value)`` clipped to a readable length (always one line)."""
+def shown(value: Any, limit: int = _SHOWN) -> str:
+    """``repr(value)`` clipped to ``limit`` characters (always one line): the one way a message
+    quotes a value someone else wrote."""
     text = repr(value)
-    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- free text

@@ -65,24 +65,6 @@ CANCEL_REQUESTED = "cancel_requested"
 MODEL_PROMOTED = "model_promoted"
 SEARCH_FINISHED = "search_finished"
 
-RECORD_TYPES = frozenset(
-    {
-        SEARCH_CREATED,
-        DRIVER_SUBMITTED,
-        DRIVER_STARTED,
-        TRIAL_PROPOSED,
-        TRIAL_SUBMITTED,
-        TRIAL_RUNNING,
-        TRIAL_FINISHED,
-        TRIAL_FAILED,
-        TRIAL_PRUNED,
-        TRIAL_LOST,
-        TRIAL_CANCELLED,
-        CANCEL_REQUESTED,
-        MODEL_PROMOTED,
-        SEARCH_FINISHED,
-    }
-)
 
 # Trial states after replay. Terminal states never change again: the first terminal record wins,
 # so a late or repeated record (a job adopted twice, an orphan finishing) cannot rewrite history.
@@ -111,6 +93,14 @@ TRIAL_RECORD_TYPES = frozenset(
         TRIAL_CANCELLED,
     }
 )
+RECORD_TYPES = TRIAL_RECORD_TYPES | {
+    SEARCH_CREATED,
+    DRIVER_SUBMITTED,
+    DRIVER_STARTED,
+    CANCEL_REQUESTED,
+    MODEL_PROMOTED,
+    SEARCH_FINISHED,
+}
 
 
 def _is_number(value: Any) -> bool:

@@ -112,11 +112,8 @@ def _finalize(value: Any) -> Any:
         return value
     if isinstance(value, int | float) and not isinstance(value, bool):
         return value
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
     raise UnquotedValueError(
-        f"template printed an unquoted value {shown}: "
+        f"template printed an unquoted value {shown(value)}: "
         "pass it through |q (shell), |sb (#SBATCH) or |ident"
     )
 

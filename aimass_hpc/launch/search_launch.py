@@ -85,7 +85,7 @@ def read_state(sdir: D.SearchDir) -> tuple[J.SearchState, list[str]]:
     A damaged journal raises IntegrityError naming the file and line (exit 6).
     """
     journal = sdir.journal()
-    state = J.replay(journal.records())
+    state = journal.state()
     return state, journal.notes()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from aimass_hpc import __version__
 from aimass_hpc.common.errors import InputError
+from aimass_hpc.common.names import shown
 
 _SLURM_VARS = {
     "job_id": "SLURM_JOB_ID",
@@ -259,24 +260,19 @@ def stored_problem(meta: Any) -> str | None:
     for key, (kind, ok) in _STORED_FIELDS.items():
         value = meta.get(key)
         if value is not None and not ok(value):
-            return f"field {key!r} is {_short(value)}, not {kind}"
+            return f"field {key!r} is {shown(value)}, not {kind}"
     if meta.get("kind") == "sharded":
         shards = meta.get("shards")
         if not isinstance(shards, list) or not shards:
             return "field 'shards' of a sharded version is missing or empty"
         for i, s in enumerate(shards):
             if not isinstance(s, dict):
-                return f"shard entry {i} is {_short(s)}, not an object"
+                return f"shard entry {i} is {shown(s)}, not an object"
             if s.get("rank") != i or not _is_int(s.get("rank")):
-                return f"shard entry {i} has rank {_short(s.get('rank'))}, not {i}"
+                return f"shard entry {i} has rank {shown(s.get('rank'))}, not {i}"
             if not isinstance(s.get("file"), str) or not s["file"]:
-                return f"shard entry {i} has file {_short(s.get('file'))}, not a path"
+                return f"shard entry {i} has file {shown(s.get('file'))}, not a path"
             size = s.get("size")
             if size is not None and not (_is_int(size) and size >= 0):
-                return f"shard entry {i} has size {_short(size)}, not a non-negative integer"
+                return f"shard entry {i} has size {shown(size)}, not a non-negative integer"
     return None
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from aimass_hpc.common.names import shown
+
 JSON_MEDIA_TYPE = "application/json"
 NPY_MEDIA_TYPE = "application/x-npy"
 # Media types accepted as a binary .npy body.
@@ -268,25 +270,18 @@ def _npy_header(text: bytes) -> tuple[tuple[int, ...], np.dtype, bool]:
     if not isinstance(shape, tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise BadInput(f".npy header has an invalid shape {_clip(shape)}", 400)
+        raise BadInput(f".npy header has an invalid shape {shown(shape, 80)}", 400)
     if len(shape) > _NPY_MAX_DIMS:
         raise BadInput(f".npy header has {len(shape)} axes, at most {_NPY_MAX_DIMS}", 400)
     if not isinstance(descr, str):
-        raise BadInput(f"unsupported dtype {_clip(descr)} in .npy body")
+        raise BadInput(f"unsupported dtype {shown(descr, 80)} in .npy body")
     if not _NPY_DESCR.fullmatch(descr):
-        raise BadInput(
-            f"unsupported dtype {_clip(descr)} in .npy body; use one of {sorted(ALLOWED_DTYPES)}"
-        )
+        allowed = sorted(ALLOWED_DTYPES)
+        raise BadInput(f"unsupported dtype {shown(descr, 80)} in .npy body; use one of {allowed}")
     dtype = np.dtype(descr)
     if math.prod(max(d, 1) for d in shape) * dtype.itemsize >= _NPY_MAX_EXTENT:
-        raise BadInput(f".npy header shape {_clip(shape)} is too large", 400)
+        raise BadInput(f".npy header shape {shown(shape, 80)} is too large", 400)
     return shape, dtype, fortran
-
-
-def _clip(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters (headers may hold anything)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_batch(arr: np.ndarray, spec: InputSpec, max_rows: int) -> np.ndarray:
