@@ -278,7 +278,8 @@ def test_bundled_example_renders():
 
 def test_kind_defaults_come_from_the_site():
     site = load_site("example-hpc")
-    train = JobRequest(kind="train", name="t", command=["true"]).resolve(site)
+    # CPU-only training is kept off GPU partitions (tests/test_site_overrides.py): ask for GPUs.
+    train = JobRequest(kind="train", name="t", command=["true"], gpus_per_node=8).resolve(site)
     serve = JobRequest(kind="serve", name="s", command=["true"]).resolve(site)
     job = JobRequest(name="j", command=["true"]).resolve(site)
     assert (train.partition, serve.partition, job.partition) == ("h100", "a100", "a100")

@@ -121,7 +121,8 @@ def test_unknown_partition_references(tmp_path):
 def test_literal_choices_and_cross_checks(tmp_path):
     data = site_data("dev")
     data["scheduler"] = "pbs"
-    data["mpi"]["srun_mpi"] = "pmi3"
+    # srun_mpi is a pattern (what `srun --mpi=list` prints), so only a malformed name fails.
+    data["mpi"]["srun_mpi"] = "pmix v4"
     found = _paths(_problems(tmp_path, data))
     assert {"scheduler", "mpi.srun_mpi"} <= set(found)
     data = site_data("dev")

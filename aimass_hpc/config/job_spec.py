@@ -211,29 +211,42 @@ class JobRequest(BaseModel):
         updates: dict[str, Any] = {"partition": part.name}
         if self.kind == "serve" and self.reservation is None:
             updates["reservation"] = site.serving.default_reservation
+        if self.kind == "train" and not self.gpus_per_node and part.gpus_per_node:
+            cpu_parts = [n for n, p in site.partitions.items() if not p.gpus_per_node]
+            if cpu_parts:  # a site with only GPU partitions (dev) may train on CPUs there
+                raise InputError(
+                    f"partition: CPU-only training (gpus_per_node = 0) on GPU partition "
+                    f"{part.name!r}; use partition {cpu_parts[0]!r} or ask for GPUs"
+                )
         if self.gpus_per_node > part.gpus_per_node:
+            # A GPU job on a CPU partition: name where GPUs are.
+            gpu_parts = [n for n, p in site.partitions.items() if p.gpus_per_node]
+            elsewhere = (
+                f"; use a GPU partition ({', '.join(gpu_parts)})"
+                if gpu_parts and not part.gpus_per_node
+                else ""
+            )
             raise InputError(
                 f"gpus_per_node: {self.gpus_per_node} GPUs per node asked, partition "
-                f"{part.name!r} nodes have {part.gpus_per_node}"
+                f"{part.name!r} nodes have {part.gpus_per_node}{elsewhere}"
             )
         if part.nodes is not None and self.nodes > part.nodes:
             raise InputError(
                 f"nodes: {self.nodes} nodes asked, partition {part.name!r} has {part.nodes}"
             )
-        cpus = (self.cpus_per_task or 1) * self.ntasks_per_node
+        cpus_per_task = self.cpus_per_task or part.default_cpus_per_task
+        updates["cpus_per_task"] = cpus_per_task
+        cpus = (cpus_per_task or 1) * self.ntasks_per_node
         if cpus > part.cpus_per_node:
             raise InputError(
-                f"cpus_per_task: {self.ntasks_per_node} tasks x {self.cpus_per_task or 1} CPUs "
+                f"cpus_per_task: {self.ntasks_per_node} tasks x {cpus_per_task or 1} CPUs "
                 f"per node asked, partition {part.name!r} nodes have {part.cpus_per_node}"
             )
-        if (
-            self.mem is not None
-            and part.mem_mb is not None
-            and parse_mem_mb(self.mem) > part.mem_mb
-        ):
+        mem = self.mem or part.default_mem
+        updates["mem"] = mem
+        if mem is not None and part.mem_mb is not None and parse_mem_mb(mem) > part.mem_mb:
             raise InputError(
-                f"mem: {self.mem} per node asked, partition {part.name!r} nodes have "
-                f"{part.mem_per_node}"
+                f"mem: {mem} per node asked, partition {part.name!r} nodes have {part.mem_per_node}"
             )
         time = self.time or part.default_time
         if time is not None:
@@ -246,10 +259,12 @@ class JobRequest(BaseModel):
             updates["time"] = format_time(seconds)
         updates["account"] = self.account or part.account or site.account
         updates["qos"] = self.qos or part.qos or site.qos
-        if self.constraint is None and site.constraints:
-            updates["constraint"] = "&".join(site.constraints)
+        # The job's constraint, else the partition's, else the site's (partition replaces site).
+        default_features = part.constraints or site.constraints
+        if self.constraint is None and default_features:
+            updates["constraint"] = "&".join(default_features)
         launcher = self.launcher or site.mpi.launcher
-        if site.container.runtime == "pyxis" and launcher != "srun":
+        if site.container_for(part).runtime == "pyxis" and launcher != "srun":
             raise InputError(f"launcher: {launcher!r} cannot start pyxis containers; use 'srun'")
         if site.scheduler == "local" and launcher == "srun":
             raise InputError("launcher: the local scheduler has no srun; use 'none' or 'mpirun'")
@@ -261,6 +276,22 @@ class JobRequest(BaseModel):
         resolved = self.model_copy(update=updates)
         resolved._resolved_for = site
         return resolved
+
+
+def with_sbatch_extra(
+    request: JobRequest, items: list[str] | tuple[str, ...], site: Site, where: str = "sbatch_extra"
+) -> JobRequest:
+    """``request`` with raw sbatch options ``items`` added after its own, resolved for
+    ``site``; a bad item is an ``InputError`` naming ``where`` (e.g. ``--sbatch-arg``)."""
+    if not items:
+        return request
+    for item in items:
+        try:
+            check_sbatch_extra(item)
+        except ValueError as exc:
+            raise InputError(f"{where}: {exc}") from None
+    extra = list(request.sbatch_extra) + list(items)
+    return request.model_copy(update={"sbatch_extra": extra}).resolve(site)
 
 
 def check_sbatch_extra(item: str) -> str:

@@ -29,9 +29,11 @@ from aimass_hpc.common.errors import InputError, NotFoundError
 from aimass_hpc.common.fsutil import read_user_text
 from aimass_hpc.common.names import (
     MEM_SIZE,
+    SBATCH_VALUE,
     SIGNAL,
     SLURM_NAME,
     EnvName,
+    Rule,
     SiteName,
     SlurmName,
     Text,
@@ -128,60 +130,47 @@ def expand_path(value: str) -> str:
     return os.path.expanduser(_VAR_RE.sub(sub, value))
 
 
+# srun --mpi=TYPE: the plugin names `srun --mpi=list` prints (pmix, pmix_v4, pmi2, cray_shasta,
+# none): lowercase words, so the value is also safe on a shell line and an #SBATCH line.
+SRUN_MPI = Rule(
+    "srun --mpi type", r"[a-z][a-z0-9_]*", "e.g. pmix, pmix_v4, pmi2, cray_shasta, none"
+)
+SRUN_OPTION = Rule("srun option name", r"--[a-z][a-z0-9\-]*", "--lowercase-words")
+# srun options aimass sets itself (the launch line, the allocation): not from srun_options.
+SRUN_CONTROLLED = {
+    "--mpi": "mpi.srun_mpi",
+    "--wait": "mpi.srun_wait",
+    "--kill-on-bad-exit": "(always 1)",
+    "--nodes": "the job's nodes",
+    "--ntasks": "the job's tasks",
+    "--ntasks-per-node": "the job's tasks",
+    "--container-image": "container.image",
+    "--container-mounts": "container.binds",
+    "--output": "(the run directory's logs/)",
+    "--error": "(the run directory's logs/)",
+    "--input": "(ranks read no stdin)",
+}
+
+
+def check_srun_option(item: Any) -> str:
+    """Validate one ``--opt`` / ``--opt=value`` for srun; ValueError says what is wrong."""
+    if not isinstance(item, str) or not item.startswith("--"):
+        raise ValueError(f"{shown(item)}: give long options as --name=value")
+    option, _, value = item.partition("=")
+    if option in SRUN_CONTROLLED:
+        raise ValueError(f"{option} is set by aimass (use {SRUN_CONTROLLED[option]})")
+    if not SRUN_OPTION.matches(option):
+        raise ValueError(SRUN_OPTION.problem(option) or option)
+    if not SBATCH_VALUE.matches(value):
+        raise ValueError(f"{shown(item)}: the value may only use {SBATCH_VALUE.allowed}")
+    return item
+
+
 # --------------------------------------------------------------------------- the models
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, validate_default=True)
-
-
-class Partition(_Model):
-    """One Slurm partition that aimass may use."""
-
-    name: str = Field("", description="filled from the table key: [partitions.NAME]")
-    description: Text = ""
-    default: bool = Field(False, description="used when a request names no partition")
-    nodes: int | None = Field(None, ge=1, description="node count (informational, for checks)")
-    gpus_per_node: int = Field(0, ge=0)
-    gpu_type: SlurmName | None = Field(None, description="gres type, e.g. h100; None = untyped")
-    gres_name: SlurmName = "gpu"
-    gpu_request: Literal["gres", "gpus-per-node"] = Field(
-        "gres", description="how GPUs are asked for: --gres=gpu:TYPE:N or --gpus-per-node=TYPE:N"
-    )
-    cpus_per_node: int = Field(1, ge=1)
-    mem_per_node: str | None = Field(None, description="e.g. 512G; None = do not check --mem")
-    max_time: Text = Field("UNLIMITED", description="the partition's MaxTime, Slurm format")
-    default_time: Text | None = Field(None, description="--time when a request gives none")
-    account: SlurmName | None = Field(None, description="overrides the site account here")
-    qos: SlurmName | None = Field(None, description="overrides the site QOS here")
-    constraints: list[SlurmName] = Field(default_factory=list, description="features nodes offer")
-
-    @field_validator("max_time", "default_time")
-    @classmethod
-    def _times(cls, value: str | None) -> str | None:
-        return check_time(value)
-
-    @field_validator("mem_per_node", mode="before")
-    @classmethod
-    def _mem(cls, value: Any) -> Any:
-        return _check_mem(value)
-
-    @property
-    def max_seconds(self) -> int | None:
-        """MaxTime in seconds; None when unlimited."""
-        return parse_time(self.max_time)
-
-    @property
-    def mem_mb(self) -> int | None:
-        """Memory per node in MiB, if the site declared it."""
-        return None if self.mem_per_node is None else parse_mem_mb(self.mem_per_node)
-
-    def gpu_gres(self, count: int) -> str:
-        """The value for ``--gres`` / ``--gpus-per-node`` asking for ``count`` GPUs per node."""
-        if self.gpu_request == "gpus-per-node":
-            return f"{self.gpu_type}:{count}" if self.gpu_type else str(count)
-        parts = [self.gres_name] + ([self.gpu_type] if self.gpu_type else []) + [str(count)]
-        return ":".join(parts)
 
 
 class Modules(_Model):
@@ -208,17 +197,96 @@ class Container(_Model):
     runtime: Literal["apptainer", "pyxis", "none"] = "none"
     image: Text | None = None
     binds: list[Text] = Field(default_factory=list, description="src[:dst[:opts]] mounts")
-    options: list[Text] = Field(default_factory=list, description="extra runtime arguments")
+    options: list[Text] = Field(
+        default_factory=list,
+        description="extra runtime arguments, each one word: after `apptainer exec`, or srun "
+        "options for pyxis (--container-*)",
+    )
     gpu_flag: bool = Field(True, description="apptainer --nv when the job has GPUs")
+
+
+class Partition(_Model):
+    """One Slurm partition that aimass may use."""
+
+    name: str = Field("", description="filled from the table key: [partitions.NAME]")
+    description: Text = ""
+    default: bool = Field(False, description="used when a request names no partition")
+    nodes: int | None = Field(None, ge=1, description="node count (informational, for checks)")
+    gpus_per_node: int = Field(0, ge=0)
+    gpu_type: SlurmName | None = Field(None, description="gres type, e.g. h100; None = untyped")
+    gres_name: SlurmName = "gpu"
+    gpu_request: Literal["gres", "gpus-per-node"] = Field(
+        "gres", description="how GPUs are asked for: --gres=gpu:TYPE:N or --gpus-per-node=TYPE:N"
+    )
+    cpus_per_node: int = Field(1, ge=1)
+    mem_per_node: str | None = Field(None, description="e.g. 512G; None = do not check --mem")
+    max_time: Text = Field("UNLIMITED", description="the partition's MaxTime, Slurm format")
+    default_time: Text | None = Field(None, description="--time when a request gives none")
+    account: SlurmName | None = Field(None, description="overrides the site account here")
+    qos: SlurmName | None = Field(None, description="overrides the site QOS here")
+    constraints: list[SlurmName] = Field(
+        default_factory=list,
+        description="features every job on this partition asks for: the default --constraint "
+        "(joined with &) when the job gives none; replaces the site's constraints here",
+    )
+    default_cpus_per_task: int | None = Field(
+        None, ge=1, description="--cpus-per-task when the job gives none"
+    )
+    default_mem: str | None = Field(None, description="--mem per node when the job gives none")
+    modules: Modules | None = Field(
+        None, description="merged over the site's [modules] for jobs here (see docs)"
+    )
+    container: Container | None = Field(
+        None, description="merged over the site's [container] for jobs here (see docs)"
+    )
+    env: dict[EnvName, Text] = Field(
+        default_factory=dict, description="exported after the site's env (wins over it)"
+    )
+
+    @field_validator("max_time", "default_time")
+    @classmethod
+    def _times(cls, value: str | None) -> str | None:
+        return check_time(value)
+
+    @field_validator("mem_per_node", "default_mem", mode="before")
+    @classmethod
+    def _mem(cls, value: Any) -> Any:
+        return _check_mem(value)
+
+    @property
+    def max_seconds(self) -> int | None:
+        """MaxTime in seconds; None when unlimited."""
+        return parse_time(self.max_time)
+
+    @property
+    def mem_mb(self) -> int | None:
+        """Memory per node in MiB, if the site declared it."""
+        return None if self.mem_per_node is None else parse_mem_mb(self.mem_per_node)
+
+    def gpu_gres(self, count: int) -> str:
+        """The value for ``--gres`` / ``--gpus-per-node`` asking for ``count`` GPUs per node."""
+        if self.gpu_request == "gpus-per-node":
+            return f"{self.gpu_type}:{count}" if self.gpu_type else str(count)
+        parts = [self.gres_name] + ([self.gpu_type] if self.gpu_type else []) + [str(count)]
+        return ":".join(parts)
 
 
 class Mpi(_Model):
     """How ranks are launched."""
 
     launcher: Literal["srun", "mpirun", "none"] = "srun"
-    srun_mpi: Literal["pmix", "pmi2", "none"] = "pmix"
+    srun_mpi: str = Field(
+        "pmix", description="srun --mpi=TYPE: what `srun --mpi=list` shows (pmix_v4, pmi2, ...)"
+    )
     srun_wait: int = Field(60, ge=0, description="srun --wait: seconds after the first rank ends")
     mpirun_args: list[Text] = Field(default_factory=list)
+
+    @field_validator("srun_mpi")
+    @classmethod
+    def _srun_mpi(cls, value: str) -> str:
+        if not SRUN_MPI.matches(value):
+            raise ValueError(SRUN_MPI.problem(value))
+        return value
 
 
 class Lustre(_Model):
@@ -263,6 +331,12 @@ class Training(_Model):
 
     backend: Literal["torch", "horovod"] = "torch"
     partition: SlurmName | None = None
+    keep_checkpoints: int = Field(
+        5,
+        ge=1,
+        description="checkpoints of a run kept (newest first; final models and aliased "
+        "versions always stay); a spec's [train] keep_checkpoints overrides it",
+    )
 
 
 class Serving(_Model):
@@ -303,6 +377,13 @@ class Site(_Model):
         "(for sites where login and compute nodes share this installation)",
     )
     templates: Text | None = Field(None, description="dir of template overrides (same names)")
+    sbatch_options: list[str] = Field(
+        default_factory=list,
+        description="#SBATCH --opt[=value] lines in every job (a job's sbatch_extra wins)",
+    )
+    srun_options: list[str] = Field(
+        default_factory=list, description="--opt[=value] words added to every srun launch"
+    )
     partitions: dict[str, Partition] = Field(min_length=1)
     modules: Modules = Field(default_factory=Modules)
     container: Container = Field(default_factory=Container)
@@ -319,6 +400,43 @@ class Site(_Model):
     @classmethod
     def _python(cls, value: str) -> str:
         return value or sys.executable
+
+    @field_validator("sbatch_options")
+    @classmethod
+    def _sbatch_options(cls, value: list[str]) -> list[str]:
+        from aimass_hpc.config.job_spec import check_sbatch_extra  # it imports this module
+
+        for item in value:
+            check_sbatch_extra(item)
+        return value
+
+    @field_validator("srun_options")
+    @classmethod
+    def _srun_options(cls, value: list[str]) -> list[str]:
+        for item in value:
+            check_srun_option(item)
+        return value
+
+    # -- per-partition settings (merge rules: docs/site-admin.md)
+
+    def modules_for(self, part: Partition) -> Modules:
+        """The site's ``[modules]`` with the partition's table merged over it: keys the
+        partition sets replace the site's, except ``load``, which is appended."""
+        return _merged(self.modules, part.modules, append=("load",))
+
+    def container_for(self, part: Partition) -> Container:
+        """The site's ``[container]`` with the partition's merged over it: keys the partition
+        sets replace the site's, ``binds``/``options`` are appended; a partition naming another
+        ``runtime`` replaces the whole table (nothing of the site's container is kept)."""
+        own = part.container
+        switched = own is not None and "runtime" in own.model_fields_set
+        if own is not None and switched and own.runtime != self.container.runtime:
+            return own  # another runtime: nothing of the site's applies
+        return _merged(self.container, part.container, append=("binds", "options"))
+
+    def env_for(self, part: Partition) -> dict[str, str]:
+        """The site's ``[env]`` then the partition's (the partition wins)."""
+        return {**self.env, **part.env}
 
     # -- helpers used by everyone else
 
@@ -369,9 +487,32 @@ class Site(_Model):
             return self.source_dir  # directory form: NAME/site.toml + NAME/*.j2
         return None
 
+    def template_overrides(self) -> list[str]:
+        """Names of the templates (``*.j2``) the site's override directory holds."""
+        folder = self.template_dir
+        if folder is None or not folder.is_dir():
+            return []
+        return sorted(path.name for path in folder.glob("*.j2"))
+
     def ref(self) -> str:
         """What to pass to :func:`load_site` (or ``$AIMASS_SITE``) to load this site again."""
         return self.source or self.name
+
+
+_M = Any
+
+
+def _merged(base: _M, over: _M, append: tuple[str, ...]) -> _M:
+    """``base`` with the fields ``over`` set replacing it (``append`` lists extend it)."""
+    if over is None:
+        return base
+    updates: dict[str, Any] = {}
+    for key in over.model_fields_set:
+        value = getattr(over, key)
+        if key in append:
+            value = list(getattr(base, key)) + [v for v in value if v not in getattr(base, key)]
+        updates[key] = value
+    return base.model_copy(update=updates)
 
 
 # --------------------------------------------------------------------------- problems
@@ -438,6 +579,36 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
+# Names admins write for what aimass calls otherwise.
+_ALIASES = {
+    "singularity": "apptainer",
+    "enroot": "pyxis",
+    "docker": "pyxis",
+    "podman": "pyxis",
+    "tcl": "environment-modules",
+    "tmod": "environment-modules",
+    "modules": "environment-modules",
+    "environment_modules": "environment-modules",
+    "envmodules": "environment-modules",
+    "openmpi": "mpirun",
+    "mpiexec": "mpirun",
+    "pytorch": "torch",
+}
+
+
+def _literal_hint(value: Any, expected: str) -> str:
+    """``got 'X'; did you mean 'Y'?`` for a value outside a fixed set of choices."""
+    choices = re.findall(r"'([^']*)'", expected)
+    hint = f"got {shown(value)}"
+    if not isinstance(value, str) or not choices:
+        return hint
+    lowered = value.strip().lower()
+    for guess in (lowered, _ALIASES.get(lowered)):
+        if guess in choices:
+            return f"{hint}; did you mean {guess!r}?"
+    return hint + _did_you_mean(lowered, choices)
+
+
 _BOUND_ERRORS = {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}
 
 
@@ -458,7 +629,9 @@ def problems_from_validation(
         if kind == "extra_forbidden":
             owner = _model_at(model, loc[:-1])
             fields = list(owner.model_fields) if owner else []
-            fields = [f for f in fields if f not in {"source", "name"} or owner is not Site]
+            fields = [
+                f for f in fields if f not in {"source", "name"} or owner not in (Site, Partition)
+            ]
             message = "unknown key"
             guess = _did_you_mean(str(loc[-1]), fields).removeprefix("; ")
             hint = guess or (f"known keys: {', '.join(fields)}" if fields else "")
@@ -467,7 +640,9 @@ def problems_from_validation(
             hint = "add it to the config"
         elif kind.endswith("_type") or kind.endswith("_parsing"):
             hint = f"got {type(err.get('input')).__name__} {shown(err.get('input'))}"
-        elif kind == "literal_error" or kind in _BOUND_ERRORS:
+        elif kind == "literal_error":
+            hint = _literal_hint(err.get("input"), str(err.get("ctx", {}).get("expected", "")))
+        elif kind in _BOUND_ERRORS:
             hint = f"got {shown(err.get('input'))}"
         problems.append(Problem(path, message, hint))
     # A misspelt key also makes the real one "missing": report the unknown key first.
@@ -534,21 +709,10 @@ def _semantic_problems(site: Site) -> list[Problem]:
                     or f"known: {', '.join(site.partitions)}",
                 )
             )
-    ctr = site.container
-    if ctr.runtime != "none" and not ctr.image:
-        problems.append(
-            Problem(
-                "container.image",
-                f"runtime {ctr.runtime!r} needs an image",
-                "set image or runtime = 'none'",
-            )
-        )
-    if ctr.runtime == "pyxis" and site.mpi.launcher != "srun":
-        problems.append(
-            Problem(
-                "container.runtime", "pyxis only works through srun", "set mpi.launcher = 'srun'"
-            )
-        )
+    problems += _container_problems(site, "container", site.container, site.container)
+    for name, part in site.partitions.items():
+        where = key_path("partitions", name)
+        problems += _partition_problems(site, part, where)
     if site.scheduler == "local" and site.mpi.launcher == "srun":
         problems.append(
             Problem(
@@ -577,6 +741,89 @@ def _semantic_problems(site: Site) -> list[Problem]:
     return problems
 
 
+# Apptainer options that empty the environment the ranks need (AIMASS_*, MASTER_*, SLURM_*).
+_CLEANENV = {"--cleanenv", "-e", "--containall", "-C"}
+_PYXIS_OPTION = re.compile(r"--(no-)?container-[a-z0-9-]+(=.*)?", re.DOTALL)
+
+
+def _container_problems(site: Site, where: str, own: Container, ctr: Container) -> list[Problem]:
+    """Problems of the effective container ``ctr``; ``own`` is the table written at ``where``
+    (its options are the ones to name)."""
+    problems: list[Problem] = []
+    if ctr.runtime != "none" and not ctr.image:
+        problems.append(
+            Problem(
+                f"{where}.image",
+                f"runtime {ctr.runtime!r} needs an image",
+                "set image or runtime = 'none'",
+            )
+        )
+    if ctr.runtime == "pyxis" and site.mpi.launcher != "srun":
+        problems.append(
+            Problem(
+                f"{where}.runtime", "pyxis only works through srun", "set mpi.launcher = 'srun'"
+            )
+        )
+    for i, opt in enumerate(own.options):
+        at = f"{where}.options[{i}]"
+        word = opt.split("=", 1)[0]
+        if ctr.runtime == "apptainer" and word in _CLEANENV:
+            problems.append(
+                Problem(
+                    at,
+                    f"{opt} would clear the environment the ranks need (AIMASS_*, SLURM_*, "
+                    "MASTER_ADDR)",
+                    "drop it; set what the container needs in [env]",
+                )
+            )
+        elif ctr.runtime == "pyxis" and not _PYXIS_OPTION.fullmatch(opt):
+            problems.append(
+                Problem(at, f"{shown(opt)} is not a pyxis srun option", "use --container-*")
+            )
+    return problems
+
+
+def _partition_problems(site: Site, part: Partition, where: str) -> list[Problem]:
+    """Per-partition defaults and overrides that contradict the partition or the site."""
+    problems: list[Problem] = []
+    if part.default_cpus_per_task is not None and part.default_cpus_per_task > part.cpus_per_node:
+        problems.append(
+            Problem(
+                f"{where}.default_cpus_per_task",
+                f"{part.default_cpus_per_task} is above cpus_per_node {part.cpus_per_node}",
+                "lower it or raise cpus_per_node",
+            )
+        )
+    limit = part.mem_mb
+    if (
+        part.default_mem is not None
+        and limit is not None
+        and parse_mem_mb(part.default_mem) > limit
+    ):
+        problems.append(
+            Problem(
+                f"{where}.default_mem",
+                f"{part.default_mem} is above mem_per_node {part.mem_per_node}",
+                "lower it or raise mem_per_node",
+            )
+        )
+    if part.modules is not None:
+        mods = site.modules_for(part)
+        if mods.system == "none" and mods.load:
+            problems.append(
+                Problem(
+                    f"{where}.modules.system",
+                    "modules to load but system is 'none'",
+                    "set system = 'lmod' or 'environment-modules'",
+                )
+            )
+    if part.container is not None:
+        problems += _container_problems(
+            site, f"{where}.container", part.container, site.container_for(part)
+        )
+    return problems
+
+
 def _expand_paths(data: dict[str, Any]) -> list[Problem]:
     """Expand ``~``/``$VAR`` in filesystem paths in place; unset variables are problems."""
     problems: list[Problem] = []
@@ -588,9 +835,21 @@ def _expand_paths(data: dict[str, Any]) -> list[Problem]:
     if isinstance(ctr, dict):
         targets.append((ctr, "image", "container.image"))
     targets.append((data, "templates", "templates"))
-    if isinstance(ctr, dict) and isinstance(ctr.get("binds"), list):
-        ctr["binds"] = list(ctr["binds"])
-        targets += [(ctr["binds"], i, f"container.binds[{i}]") for i in range(len(ctr["binds"]))]
+    containers = [(ctr, "container")]
+    parts = data.get("partitions")
+    if isinstance(parts, dict):
+        for name, part in parts.items():
+            if isinstance(part, dict) and isinstance(part.get("container"), dict):
+                part["container"] = dict(part["container"])
+                where = key_path(key_path("partitions", name), "container")
+                containers.append((part["container"], where))
+                targets.append((part["container"], "image", f"{where}.image"))
+    for holder, where in containers:
+        if isinstance(holder, dict) and isinstance(holder.get("binds"), list):
+            holder["binds"] = list(holder["binds"])
+            targets += [
+                (holder["binds"], i, f"{where}.binds[{i}]") for i in range(len(holder["binds"]))
+            ]
     for holder, key, path in targets:
         value = holder[key] if isinstance(holder, list) else holder.get(key)
         if isinstance(value, str):
@@ -607,19 +866,82 @@ def parse_site(
     """Validate a parsed TOML mapping; returns the site (None if invalid) and all problems."""
     data = dict(data)
     data.pop("source", None)
-    problems = _expand_paths(data)
+    if isinstance(data.get("container"), dict):
+        data["container"] = dict(data["container"])  # expanded below: never the caller's
     parts = data.get("partitions")
+    named: list[Problem] = []
     if isinstance(parts, dict):
+        named = [
+            Problem(
+                key_path(key_path("partitions", name), "name"),
+                "a partition's name is its table key",
+                f"remove it (this is [partitions.{name}])",
+            )
+            for name, part in parts.items()
+            if isinstance(part, dict) and "name" in part
+        ]
         data["partitions"] = {
             name: ({**part, "name": name} if isinstance(part, dict) else part)
             for name, part in parts.items()
         }
+    problems = named + _expand_paths(data)
     try:
         site = Site.model_validate({**data, "source": source})
     except ValidationError as exc:
-        return None, problems + problems_from_validation(exc, Site)
+        problems += problems_from_validation(exc, Site)
+        # Cross-field checks in the same pass: on a copy without the bad values.
+        lenient = _lenient_site({**data, "source": source}, exc)
+        if lenient is not None:
+            # A dropped value may make its neighbours look inconsistent: skip what the
+            # tables with field errors say (their field errors come first anyway).
+            tables = {_table_of(p.path) for p in problems} - {""}
+            exact = {p.path for p in problems}
+            problems += [
+                p
+                for p in _semantic_problems(lenient)
+                if p.path not in exact and not any(_within(p.path, t) for t in tables)
+            ]
+        return None, problems
     problems += _semantic_problems(site)
     return (None if problems else site), problems
+
+
+def _table_of(path: str) -> str:
+    """``partitions.gpu`` for ``partitions.gpu.gpu_type`` (``""`` for a top-level key)."""
+    path = re.sub(r"\[[0-9]+\]$", "", path)
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _within(path: str, table: str) -> bool:
+    return path == table or path.startswith(f"{table}.") or path.startswith(f"{table}[")
+
+
+def _lenient_site(data: dict[str, Any], exc: ValidationError) -> Site | None:
+    """The site with every invalid value dropped (and a placeholder for a missing required
+    one), so that cross-field checks can run on the rest; None when that does not validate."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for _ in range(4):
+        for err in exc.errors():
+            loc = [part for part in err["loc"] if part != "[key]"]
+            # A bad list item or dict key: drop the whole value that holds it.
+            while loc and isinstance(loc[-1], int):
+                loc.pop()
+            holder: Any = data
+            for part in loc[:-1]:
+                holder = holder.get(part) if isinstance(holder, dict) else None
+            if not isinstance(holder, dict) or not loc:
+                return None
+            if err["type"] == "missing":
+                holder[loc[-1]] = "missing"
+            else:
+                holder.pop(loc[-1], None)
+        try:
+            return Site.model_validate(data)
+        except ValidationError as again:
+            exc = again
+    return None
 
 
 def validate_site_file(path: str | os.PathLike[str]) -> list[Problem]:

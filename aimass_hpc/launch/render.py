@@ -15,7 +15,9 @@ Quoting is enforced by the template environment, not left to template authors:
   script whose meaning depends on a value. Numbers pass as they are.
 
 The environment is a jinja sandbox (no ``__class__`` tricks) with ``StrictUndefined``.
-Template lookup: the site's override directory first, then the bundled ``job_templates/``.
+Template lookup: the site's override directory first, then the bundled ``job_templates/``; the
+bundled ones are also reachable as ``aimass:NAME`` (``{% extends "aimass:job.j2" %}``), so an
+override can extend the template it replaces.
 Every rendered script is checked with ``bash -n`` (:func:`check_script_syntax`) before it is
 returned, so no caller can write or queue a script bash cannot parse.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.runtime
 from jinja2.bccache import Bucket
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -39,6 +42,8 @@ from aimass_hpc.config.job_spec import JobRequest
 from aimass_hpc.config.site import BUNDLED_TEMPLATES, Site
 
 TEMPLATE_NAMES = ("job.j2", "train.j2", "trial.j2", "serve.j2")
+# `{% extends "aimass:job.j2" %}` names the bundled template even where the site overrides it.
+BUNDLED_PREFIX = "aimass"
 
 
 class Quoted(str):
@@ -148,14 +153,30 @@ class _CompiledTemplates(jinja2.BytecodeCache):
 _COMPILED = _CompiledTemplates()
 
 
+class _TemplateEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, plus: ``{{ super() }}`` prints the parent block as it is. That text was
+    rendered by this same environment, so every value in it already passed a filter."""
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(__obj, jinja2.runtime.BlockReference) and isinstance(result, str):
+            return Quoted(result)
+        return result
+
+
 def template_environment(site: Site) -> jinja2.Environment:
     """The sandboxed, quoting-enforcing environment for ``site`` (override dir first)."""
+    return _environment(site.template_dir)
+
+
+def _environment(override: Path | None) -> jinja2.Environment:
     loaders: list[jinja2.BaseLoader] = []
-    override = site.template_dir
     if override is not None and override.is_dir():
         loaders.append(jinja2.FileSystemLoader(str(override)))
-    loaders.append(jinja2.FileSystemLoader(str(BUNDLED_TEMPLATES)))
-    env = ImmutableSandboxedEnvironment(
+    bundled = jinja2.FileSystemLoader(str(BUNDLED_TEMPLATES))
+    loaders.append(jinja2.PrefixLoader({BUNDLED_PREFIX: bundled}, delimiter=":"))
+    loaders.append(bundled)
+    env = _TemplateEnvironment(
         loader=jinja2.ChoiceLoader(loaders),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
@@ -172,6 +193,27 @@ def template_environment(site: Site) -> jinja2.Environment:
     # |safe would bypass nothing (finalize does not trust Markup) but would mislead readers.
     env.filters.pop("safe", None)
     return env
+
+
+def template_syntax_errors(directory: Path) -> list[tuple[str, int | None, str]]:
+    """(file, line, message) for every ``*.j2`` in ``directory`` jinja cannot compile (bad
+    syntax, an unknown filter); compiling runs nothing, so no site or request is needed."""
+    env = _environment(directory)
+    found: list[tuple[str, int | None, str]] = []
+    for path in sorted(directory.glob("*.j2")):
+        try:
+            env.get_template(path.name)
+        except jinja2.TemplateSyntaxError as exc:
+            found.append((exc.filename or str(path), exc.lineno, exc.message or "syntax error"))
+    return found
+
+
+def _template_line(exc: BaseException) -> str:
+    """`` (FILE line N)`` from jinja's rewritten traceback: the innermost template frame."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(".j2")]
+    return f" ({frames[-1].filename} line {frames[-1].lineno})" if frames else ""
 
 
 def signal_spec(site: Site, request: JobRequest) -> str | None:
@@ -195,10 +237,14 @@ def render_context(site: Site, request: JobRequest, run_dir: str | Path) -> dict
     """Everything templates may use (documented in job_templates/README.md)."""
     job = request.resolve(site)
     part = site.partition(job.partition)
-    env = {**site.env, **job.env}
+    env = {**site.env_for(part), **job.env}
     return {
         "site": site,
         "partition": part,
+        "modules": site.modules_for(part),
+        "container": site.container_for(part),
+        "sbatch_options": site_sbatch_options(site, job),
+        "srun_options": list(site.srun_options),
         "job": job,
         "kind": job.kind,
         "slurm_name": job.slurm_name,
@@ -214,6 +260,12 @@ def render_context(site: Site, request: JobRequest, run_dir: str | Path) -> dict
         "gpu_option": gpu_option(site, job),
         "total_tasks": job.nodes * job.ntasks_per_node,
     }
+
+
+def site_sbatch_options(site: Site, request: JobRequest) -> list[str]:
+    """The site's ``sbatch_options`` less those the job's ``sbatch_extra`` sets itself."""
+    own = {item.partition("=")[0] for item in request.sbatch_extra}
+    return [item for item in site.sbatch_options if item.partition("=")[0] not in own]
 
 
 def render_request(site: Site, request: JobRequest, run_dir: str | Path | None = None) -> str:
@@ -234,11 +286,15 @@ def render_request(site: Site, request: JobRequest, run_dir: str | Path | None =
     except jinja2.TemplateNotFound as exc:
         raise InputError(f"template {exc.name!r} not found (site {site.name!r})") from None
     except jinja2.UndefinedError as exc:
-        raise InputError(f"template {name}: {exc.message}") from None
+        raise InputError(f"template {name}: {exc.message}{_template_line(exc)}") from None
     except SecurityError as exc:
         raise InputError(f"template {name}: {exc}") from None
+    except UnquotedValueError as exc:  # a value without |q/|sb/|ident: say where it is printed
+        raise UnquotedValueError(f"{exc}{_template_line(exc)}") from None
     except jinja2.TemplateSyntaxError as exc:
-        raise InputError(f"template {exc.name or name} line {exc.lineno}: {exc.message}") from None
+        raise InputError(
+            f"template {exc.filename or exc.name or name} line {exc.lineno}: {exc.message}"
+        ) from None
     check_script_syntax(script, f"template {name} (site {site.name})")
     return script
 
