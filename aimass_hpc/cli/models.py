@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from aimass_hpc.cli._options import site_option
-from aimass_hpc.common.errors import InputError, IntegrityError
+from aimass_hpc.common.errors import InputError, IntegrityError, NotFoundError
 from aimass_hpc.common.units import parse_count, parse_memory_bytes
+from aimass_hpc.repo.metadata import MODEL_TYPES
 
 
 class _Ctx:
@@ -70,15 +71,17 @@ def _metric_value(text: str, what: str) -> float:
 def parse_range(
     text: str, what: str, parse: Callable[[str, str], float] = _metric_value
 ) -> tuple[float | None, float | None]:
-    """``LO:HI`` with either end optional (``0.9:``, ``:8GiB``); a single value is exact.
+    """``LO..HI`` or ``LO:HI`` with either end optional (``0.9..``, ``..8GiB``, ``:5G``); a
+    single value is exact. Both ends are inclusive.
 
     ``parse`` reads one end: a memory size (binary units), a count (decimal) or, by default,
     a metric value (a count that may be negative).
     """
-    if ":" not in text:
+    sep = ".." if ".." in text else ":" if ":" in text else None
+    if sep is None:
         v = parse(text, what)
         return (v, v)
-    lo, _, hi = text.partition(":")
+    lo, _, hi = text.partition(sep)
     return (parse(lo, what) if lo else None, parse(hi, what) if hi else None)
 
 
@@ -119,24 +122,42 @@ def _aliases_by_version(repo: Any, name: str) -> dict[int, list[str]]:
     return out
 
 
+def _cost_text(v: Any) -> str:
+    """FLOPs per sample / peak memory, e.g. ``9.47kFLOP/19.6 KiB``."""
+    if v.flops_per_sample is None and v.peak_memory_bytes is None:
+        return "-"
+    return f"{_human_count(v.flops_per_sample, 'FLOP')}/{_human_bytes(v.peak_memory_bytes)}"
+
+
+# Below this terminal width the type and FLOPs/memory columns are left out (models show has them).
+_WIDE = 130
+
+
 def _versions_table(repo: Any, versions: Iterable[Any], title: str) -> Table:
+    """One row per version; type and cost (FLOPs/memory) columns where some are known and the
+    terminal is wide enough for them."""
+    versions = list(versions)
+    wide = _console().width >= _WIDE
+    with_type = wide and any(v.model_type for v in versions)
+    with_cost = wide and any(_cost_text(v) != "-" for v in versions)
     table = Table(title=title)
-    for col in ("ref", "created", "kind", "params", "size", "metrics", "tags", "aliases"):
+    columns = ["ref", "created", "kind", *(["type"] if with_type else []), "params"]
+    columns += [*(["FLOPs/memory"] if with_cost else []), "size", "metrics", "tags", "aliases"]
+    for col in columns:
         table.add_column(col, overflow="fold")
     alias_cache: dict[str, dict[int, list[str]]] = {}
     for v in versions:
         if v.name not in alias_cache:
             alias_cache[v.name] = _aliases_by_version(repo, v.name)
-        table.add_row(
-            v.ref,
-            _when(v),
-            v.kind,
-            _human_count(v.param_count),
+        row = [v.ref, _when(v), v.kind, *([v.model_type or "-"] if with_type else [])]
+        row += [_human_count(v.param_count), *([_cost_text(v)] if with_cost else [])]
+        row += [
             _human_bytes(v.metadata.get("tensor_bytes")),
             _metrics_text(v.metrics),
             ",".join(v.tags),
             ",".join(alias_cache[v.name].get(v.number, [])),
-        )
+        ]
+        table.add_row(*row)
     return table
 
 
@@ -172,20 +193,58 @@ def pass_ctx(func: Callable[..., Any]) -> Callable[..., Any]:
     return site_option(expose_value=False, callback=_take_site)(_make_pass_ctx(func))
 
 
+def _is_checkpoint(v: Any) -> bool:
+    """A training checkpoint (optimizer, RNG, data position; or sharded), not a final model."""
+    return v.kind in ("checkpoint", "sharded")
+
+
 @models.command("ls")
 @click.argument("name", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--checkpoints",
+    is_flag=True,
+    help="List NAME's checkpoints (default: its final models and a one-line checkpoint summary).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print JSON instead of a table (every version of NAME, each with its kind).",
+)
 @pass_ctx
-def ls(ctx: _Ctx, name: str | None, as_json: bool) -> None:
-    """List models, or the versions of NAME."""
+def ls(ctx: _Ctx, name: str | None, checkpoints: bool, as_json: bool) -> None:
+    """List models, or the versions of NAME.
+
+    For NAME: its final models and a summary of its checkpoints (how many, the newest);
+    --checkpoints lists the checkpoints instead. --json lists every version with its "kind"
+    (model, checkpoint or sharded); with --checkpoints only the checkpoints.
+    """
     repo = ctx.open()
     if name:
         versions = repo.versions(name)
+        ckpts = [v for v in versions if _is_checkpoint(v)]
         if as_json:
             aliases = _aliases_by_version(repo, name)
-            _emit_json([{**v.to_dict(), "aliases": aliases.get(v.number, [])} for v in versions])
+            _emit_json(
+                [
+                    {**v.to_dict(), "kind": v.kind, "aliases": aliases.get(v.number, [])}
+                    for v in (ckpts if checkpoints else versions)
+                ]
+            )
             return
-        _console().print(_versions_table(repo, versions, f"{name} ({repo.root})"))
+        if checkpoints:
+            _console().print(
+                _versions_table(repo, ckpts, f"{name}: {len(ckpts)} checkpoint(s) ({repo.root})")
+            )
+            return
+        finals = [v for v in versions if not _is_checkpoint(v)]
+        _console().print(_versions_table(repo, finals, f"{name} ({repo.root})"))
+        if ckpts:
+            newest = ckpts[-1]
+            click.echo(
+                f"{len(ckpts)} checkpoint(s), newest {newest.ref} ({_when(newest)}); "
+                f"list them with: aimass models ls {name} --checkpoints"
+            )
         return
     from aimass_hpc.repo.refs import Ref
 
@@ -250,6 +309,7 @@ def show(ctx: _Ctx, ref: str, tensors: bool, as_json: bool) -> None:
         ("tensors", f"{m.get('tensor_count', 0)} ({_human_bytes(m.get('tensor_bytes'))})"),
         ("dtypes", " ".join(f"{k}×{n}" for k, n in (m.get("dtypes") or {}).items()) or "-"),
         ("file size", _human_bytes(v.file_size)),
+        ("type", v.model_type or "-"),
         ("FLOPs/sample", _human_count(v.flops_per_sample, "FLOP")),
         ("peak memory", _human_bytes(v.peak_memory_bytes)),
         ("metrics", _metrics_text(v.metrics) or "-"),
@@ -286,17 +346,29 @@ def show(ctx: _Ctx, ref: str, tensors: bool, as_json: bool) -> None:
 @click.option("--name", "name", default="*", show_default=True, help="Model name glob.")
 @click.option("--tag", "tags", multiple=True, help="Required tag (repeatable).")
 @click.option(
-    "--metric", "metrics", multiple=True, metavar="NAME=LO:HI", help="Metric range (repeatable)."
+    "--metric",
+    "metrics",
+    multiple=True,
+    metavar="NAME=LO..HI",
+    help="Metric range, ends inclusive and optional, e.g. acc=0.9.. (repeatable; LO:HI too).",
+)
+@click.option(
+    "--type",
+    "model_type",
+    type=click.Choice(list(MODEL_TYPES)),
+    help="What the model is for (recorded when a training finishes or a recipe is imported).",
 )
 @click.option(
     "--flops",
-    metavar="LO:HI",
-    help="FLOPs per sample range, e.g. 1e9:5G (k/M/G/T/P are powers of 1000).",
+    metavar="LO..HI",
+    help="FLOPs per sample of one forward pass, e.g. 1K..10M or ..5G. Counts are decimal: "
+    "k/K/M/G/T/P are powers of 1000.",
 )
 @click.option(
     "--memory",
-    metavar="LO:HI",
-    help="Peak memory range, e.g. :8G (K/M/G/T, also KiB..TiB or KB..TB, are powers of 1024).",
+    metavar="LO..HI",
+    help="Peak memory of one sample's forward pass, e.g. ..64M. Sizes are binary, as in Slurm "
+    "and the site's mem values: K/M/G/T (also KiB..TiB, KB..TB) are powers of 1024.",
 )
 @click.option("--since", help="Created at or after (ISO date or age like 7d).")
 @click.option("--until", help="Created at or before (ISO date or age like 1d).")
@@ -313,9 +385,14 @@ def search(
     since: str | None,
     until: str | None,
     kind: str | None,
+    model_type: str | None,
     as_json: bool,
 ) -> None:
-    """Find versions by name, tags, metric ranges, FLOPs, memory and date."""
+    """Find versions by name, type, tags, metric ranges, FLOPs, memory and date.
+
+    Ranges are LO..HI (or LO:HI), both ends inclusive and either one optional. Example:
+    aimass models search --type classifier --flops 1K..10M --memory ..64M
+    """
     ranges = {}
     for item in metrics:
         key, sep, rng = item.partition("=")
@@ -334,6 +411,7 @@ def search(
         since=since,
         until=until,
         kind=kind,
+        model_type=model_type,
     )
     if as_json:
         _emit_json([v.to_dict() for v in found])
@@ -399,25 +477,58 @@ def rollback(ctx: _Ctx, ref: str) -> None:
 
 @models.command("rm")
 @click.argument("refs", nargs=-1, required=True, metavar="NAME:VERSION...")
-@click.option("--force", is_flag=True, help="Delete even if an alias points at it.")
+@click.option(
+    "--force", is_flag=True, help="Delete even versions an alias points at (it then dangles)."
+)
+@click.option("--dry-run", is_flag=True, help="Only show what would be deleted.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_ctx
-def rm(ctx: _Ctx, refs: tuple[str, ...], force: bool, yes: bool) -> None:
-    """Delete versions (each NAME:VERSION or NAME@ALIAS; never a whole model)."""
-    from aimass_hpc.repo.refs import Ref
+def rm(ctx: _Ctx, refs: tuple[str, ...], force: bool, dry_run: bool, yes: bool) -> None:
+    """Delete versions: NAME:VERSION, NAME@ALIAS or a range NAME:LO..HI (never a whole model).
 
+    A range is inclusive and may leave one end open (NAME:..7, NAME:3..). A range holding a
+    version an alias points at is refused, naming it, unless --force.
+    """
+    from aimass_hpc.repo.refs import Ref, VersionRange
+
+    parsed: list[Ref | VersionRange] = []
     for text in refs:
+        span = VersionRange.parse(text, "NAME:LO..HI")
+        if span is not None:
+            parsed.append(span)
+            continue
         r = Ref.parse(text, "NAME:VERSION")
         if r.is_latest:  # NAME, NAME:latest: a moving target, never deleted by name
             raise InputError(
-                f"say which version of {r.name} to delete: {r.name}:N or {r.name}@ALIAS"
+                f"say which version of {r.name} to delete: {r.name}:N, {r.name}:LO..HI "
+                f"or {r.name}@ALIAS"
             )
+        parsed.append(r)
     repo = ctx.open()
-    versions = [repo.get(r) for r in refs]  # resolve all first: fail before deleting any
+    # Resolve everything first (a range checks its aliases): fail before deleting any.
+    versions = []
+    singles: set[str] = set()  # named one by one: gone meanwhile is an error, not in a range
+    for p in parsed:
+        if isinstance(p, Ref):
+            versions.append(repo.get(p))
+            singles.add(versions[-1].ref)
+        else:
+            versions += repo.delete_range(p.name, p.lo, p.hi, force=force, dry_run=True)
+    unique = {v.ref: v for v in versions}
+    if dry_run:
+        for v in unique.values():
+            click.echo(f"would delete {v.ref} ({v.kind})")
+        click.echo(f"would delete {len(unique)} version(s)")
+        return
     if not yes:
-        click.confirm(f"delete {', '.join(v.ref for v in versions)}?", abort=True)
-    for v in versions:
-        repo.delete(v.ref, force=force)
+        click.confirm(f"delete {', '.join(unique)}?", abort=True)
+    for v in unique.values():
+        try:
+            repo.delete(v.ref, force=force)
+        except NotFoundError:
+            if v.ref in singles:
+                raise
+            continue  # part of a range and deleted meanwhile
         click.echo(f"deleted {v.ref}")
 
 
@@ -486,6 +597,12 @@ def export(ctx: _Ctx, ref: str, path: str, fmt: str, compression: str | None, fo
 @click.option("--metric", "metrics", multiple=True, metavar="NAME=VALUE", help="Metric.")
 @click.option("--description", help="Free text.")
 @click.option("--recipe", metavar="JSON", help="How serving rebuilds the model (JSON).")
+@click.option(
+    "--type",
+    "model_type",
+    type=click.Choice(list(MODEL_TYPES)),
+    help="What the model is for (default: the recipe's model_type).",
+)
 @pass_ctx
 def import_cmd(
     ctx: _Ctx,
@@ -495,8 +612,13 @@ def import_cmd(
     metrics: tuple[str, ...],
     description: str | None,
     recipe: str | None,
+    model_type: str | None,
 ) -> None:
-    """Import a torch (.pt), safetensors or exported HDF5 file as a new version of NAME."""
+    """Import a torch (.pt), safetensors or exported HDF5 file as a new version of NAME.
+
+    With a recipe (--recipe, or one stored in an exported file) the model is rebuilt once on
+    the CPU to record its FLOPs per sample and peak memory (see aimass models search).
+    """
     kwargs: dict[str, Any] = {}
     if tags:
         kwargs["tags"] = list(tags)
@@ -518,9 +640,25 @@ def import_cmd(
             kwargs["recipe"] = json.loads(recipe)
         except ValueError as exc:
             raise InputError(f"--recipe is not valid JSON: {exc}") from None
+    if model_type is not None:
+        kwargs["model_type"] = model_type
     repo = ctx.open(create=True)
-    v = repo.import_(path, name, **kwargs)
+    v = repo.import_(path, name, stats=_import_stats, **kwargs)
     click.echo(f"imported {path} as {v.ref}")
+
+
+def _import_stats(recipe: Any, state_dict: Any) -> dict[str, Any]:
+    """FLOPs/memory/type of an imported model; a recipe that cannot be built is noted."""
+    from aimass_hpc.runtime.model_stats import stats_from_recipe
+
+    try:
+        return stats_from_recipe(recipe, state_dict)
+    except Exception as exc:  # the import itself must still succeed
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        click.echo(f"aimass: note: FLOPs and memory not measured: {first}", err=True)
+        declared = recipe.get("model_type") if isinstance(recipe, dict) else None
+        return {"model_type": declared} if declared in MODEL_TYPES else {}
 
 
 @models.command("gc")

@@ -191,6 +191,29 @@ def check_tags(tags: Iterable[str] | None) -> list[str]:
     return out
 
 
+# What a model does, searchable with ``aimass models search --type``: a small closed set, so a
+# search for "classifier" finds every classifier ("other" for everything else).
+MODEL_TYPES = (
+    "classifier",
+    "regressor",
+    "language-model",
+    "embedding",
+    "segmentation",
+    "detection",
+    "generative",
+    "other",
+)
+
+
+def check_model_type(value: Any, field: str = "model_type") -> str | None:
+    """``value`` if it is one of :data:`MODEL_TYPES` (or None), else a one-line InputError."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in MODEL_TYPES:
+        raise InputError(f"{field} {shown(value)} is not one of {', '.join(MODEL_TYPES)}")
+    return value
+
+
 def check_number(value: Any, field: str, integer: bool = False) -> float | int | None:
     if value is None:
         return None
@@ -243,6 +266,7 @@ _STORED_FIELDS: dict[str, tuple[str, Any]] = {
     "tensor_bytes": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
     "flops_per_sample": ("a non-negative number", lambda v: _is_number(v) and v >= 0),
     "peak_memory_bytes": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "model_type": ("a string", lambda v: isinstance(v, str)),
     "shard_key": ("a string", lambda v: isinstance(v, str)),
     "world_size": ("a positive integer", lambda v: _is_int(v) and v >= 1),
     "shards": ("a list of objects", lambda v: isinstance(v, list)),

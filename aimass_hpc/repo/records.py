@@ -39,6 +39,7 @@ class Version:
     description = property(lambda self: self._get("description"))
     flops_per_sample = property(lambda self: self._get("flops_per_sample"))
     peak_memory_bytes = property(lambda self: self._get("peak_memory_bytes"))
+    model_type = property(lambda self: self._get("model_type"), doc="classifier, regressor, ...")
     param_count = property(lambda self: self._get("param_count", 0))
     file_size = property(lambda self: self._get("file_size", 0))
 

@@ -112,3 +112,47 @@ class Ref:
 def parse_ref(ref: str | Ref, where: str = "") -> Ref:
     """:meth:`Ref.parse` as a function (the repository API's historical name)."""
     return Ref.parse(ref, where)
+
+
+@dataclass(frozen=True)
+class VersionRange:
+    """``NAME:LO..HI``: versions LO to HI inclusive; either end may be left open (``:..7``,
+    ``:3..``), not both. Only deletes take ranges."""
+
+    name: str
+    lo: int | None
+    hi: int | None
+
+    @classmethod
+    def parse(cls, text: str, where: str = "") -> VersionRange | None:
+        """The range ``text`` names, None if it is no range (no ``..`` after the colon)."""
+        if not isinstance(text, str) or "@" in text:
+            return None
+        name, colon, span = text.partition(":")
+        if not colon or ".." not in span:
+            return None
+        try:
+            check_name(name)
+        except InputError as exc:
+            raise _in(where, str(exc)) from None
+        lo_text, _, hi_text = span.partition("..")
+        ends: list[int | None] = []
+        for end in (lo_text, hi_text):
+            if end and not (end.isascii() and end.isdigit() and int(end) >= 1):
+                raise _in(
+                    where,
+                    f"invalid version range {shown(text)}: expected NAME:LO..HI with positive "
+                    "integers (either end may be left out)",
+                )
+            ends.append(int(end) if end else None)
+        lo, hi = ends
+        if lo is None and hi is None:
+            raise _in(where, f"invalid version range {shown(text)}: give at least one end")
+        if lo is not None and hi is not None and lo > hi:
+            raise _in(where, f"invalid version range {shown(text)}: {lo} is after {hi}")
+        return cls(name, lo, hi)
+
+    def __str__(self) -> str:
+        lo = "" if self.lo is None else str(self.lo)
+        hi = "" if self.hi is None else str(self.hi)
+        return f"{self.name}:{lo}..{hi}"

@@ -31,8 +31,9 @@ from aimass_hpc.repo.records import Checkpoint, GcReport, VerifyReport, Version
 from aimass_hpc.repo.refs import Ref, check_alias, check_name, parse_ref
 
 # Test hook: called with the name of each step of a save ("claimed", "layout-written",
-# "data-written", "file-synced", "sidecar-written", "renamed", "committed"). The crash tests
-# SIGKILL a child here to prove every step leaves a consistent repository.
+# "data-written", "file-synced", "sidecar-written", "renamed", "committed") and of a delete
+# ("delete-unpublished", "delete-unlinked"). The crash tests SIGKILL a child here to prove
+# every step leaves a consistent repository.
 STAGE_HOOK: Callable[[str], None] | None = None
 
 _HISTORY_LIMIT = 1000
@@ -95,6 +96,7 @@ class ModelRepository:
         run: Mapping[str, Any] | None = None,
         contents: Iterable[str] | None = None,
         alignment: int = 1 << 20,
+        model_type: str | None = None,
     ) -> Version:
         """Save a new version of ``name`` and return it once it is committed and durable.
 
@@ -104,6 +106,9 @@ class ModelRepository:
         ``parent`` (a ref, a version number of the same model, or a Version) records
         lineage; ``recipe`` tells serving how to rebuild the model; ``alignment`` is the
         byte alignment of large tensors in the file (the filesystem's stripe size).
+        ``flops_per_sample``/``peak_memory_bytes``/``model_type`` (one of
+        :data:`~aimass_hpc.repo.metadata.MODEL_TYPES`) describe the model's cost and purpose
+        for :meth:`search` (see :mod:`aimass_hpc.runtime.model_stats`).
         """
         check_name(name)
         with _gc_paused():
@@ -123,6 +128,7 @@ class ModelRepository:
                 description=description,
                 recipe=recipe,
                 run=run,
+                model_type=model_type,
             )
 
     def _save(
@@ -214,6 +220,7 @@ class ModelRepository:
             description=kw["description"],
             recipe=metadata.check_json(kw["recipe"], "recipe"),
             run=metadata.check_json(kw["run"], "run"),
+            model_type=metadata.check_model_type(kw.get("model_type")),
         )
         if meta["description"] is not None and not isinstance(meta["description"], str):
             raise InputError("description must be a string")
@@ -299,6 +306,7 @@ class ModelRepository:
             "description",
             "recipe",
             "run",
+            "model_type",
         }
         unknown = set(kwargs) - allowed
         if unknown:
@@ -562,14 +570,17 @@ class ModelRepository:
         since: Any = None,
         until: Any = None,
         kind: str | None = None,
+        model_type: str | None = None,
     ) -> list[Version]:
         """Versions matching all the given filters, ordered by name then version.
 
         ``name`` is a glob; ``tags`` must all be present; ``metrics`` maps a metric name to
         an inclusive ``(lo, hi)`` range (None = open); ``flops`` ranges over
         ``flops_per_sample`` and ``memory`` over ``peak_memory_bytes``; ``since``/``until``
-        take datetimes, epoch seconds, ISO strings or ages like ``7d``.
+        take datetimes, epoch seconds, ISO strings or ages like ``7d``; ``model_type`` is one
+        of :data:`~aimass_hpc.repo.metadata.MODEL_TYPES`.
         """
+        metadata.check_model_type(model_type, "model type")
         want_tags = set(metadata.check_tags(tags))
         lo_t = metadata.parse_time(since, "since") if since is not None else None
         hi_t = metadata.parse_time(until, "until") if until is not None else None
@@ -585,6 +596,8 @@ class ModelRepository:
                 if want_tags and not want_tags <= set(m.get("tags") or []):
                     continue
                 if kind is not None and v.kind != kind:
+                    continue
+                if model_type is not None and m.get("model_type") != model_type:
                     continue
                 if lo_t is not None and v.created_ts < lo_t:
                     continue
@@ -752,15 +765,88 @@ class ModelRepository:
                 os.rename(md.h5(v.number), tomb)  # un-publish atomically, then clean up
             except FileNotFoundError as exc:
                 raise NotFoundError(f"{v.ref} was deleted meanwhile") from exc
+            _stage("delete-unpublished")
             fsync_dir(md.versions)
             for path in (md.sidecar(v.number), tomb):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+                _stage("delete-unlinked")
             key = v.metadata.get("shard_key")
             if key and not any(o.metadata.get("shard_key") == key for o in self._versions(md)):
                 shutil.rmtree(md.shard_dir(key), ignore_errors=True)
             fsync_dir(md.versions)
         return v
+
+    def versions_between(self, name: str, lo: int | None, hi: int | None) -> list[Version]:
+        """Committed versions of ``name`` numbered ``lo..hi`` (inclusive; None = open end)."""
+        with os_errors(f"listing model {name}"):
+            md = self._model(name)
+            numbers = [
+                n for n in md.committed() if (lo is None or n >= lo) and (hi is None or n <= hi)
+            ]
+            out = []
+            for n in numbers:
+                with contextlib.suppress(NotFoundError):  # deleted while we listed
+                    out.append(self._version(md, n))
+            return out
+
+    def delete_range(
+        self,
+        name: str,
+        lo: int | None,
+        hi: int | None,
+        *,
+        force: bool = False,
+        dry_run: bool = False,
+    ) -> list[Version]:
+        """Delete the versions ``name:lo..hi`` (inclusive, None = open end); return them.
+
+        All or nothing up front: if an alias points into the range the call is refused
+        (ConflictError naming the versions and their aliases) before anything is deleted,
+        unless ``force``. ``dry_run`` only returns what would go. Each version goes with
+        :meth:`delete` (one atomic rename each): a kill midway leaves the rest in place.
+        """
+        if lo is None and hi is None:
+            raise InputError(f"say which versions of {name} to delete: {name}:LO..HI")
+        if lo is not None and hi is not None and lo > hi:
+            raise InputError(f"empty version range {name}:{lo}..{hi}: the first end is larger")
+        chosen = self.versions_between(name, lo, hi)
+        span = f"{name}:{'' if lo is None else lo}..{'' if hi is None else hi}"
+        if not chosen:
+            raise NotFoundError(f"model {name} has no versions in {span}")
+        if not force:
+            aliased = _aliased(self.aliases(name), {v.number for v in chosen})
+            if aliased:
+                listed = ", ".join(
+                    f"{name}:{n} ({', '.join(a)})" for n, a in sorted(aliased.items())
+                )
+                raise ConflictError(
+                    f"{span} includes aliased version(s) {listed}: promote others first, "
+                    "or force the delete"
+                )
+        if dry_run:
+            return chosen
+        done = []
+        for v in chosen:
+            try:
+                done.append(self.delete(v.ref, force=force))
+            except NotFoundError:
+                continue  # deleted meanwhile: the goal is reached
+        return done
+
+    def prune(self, name: str, numbers: Iterable[int]) -> list[Version]:
+        """Delete versions ``numbers`` of ``name`` that no alias points at; return the deleted.
+
+        For retention (old checkpoints of a run): an aliased version, one whose alias file
+        is damaged (we cannot tell where it points) and one already gone are skipped.
+        """
+        deleted = []
+        for n in numbers:
+            try:
+                deleted.append(self.delete(Ref(name, version=n)))
+            except (ConflictError, IntegrityError, NotFoundError):
+                continue
+        return deleted
 
     def gc(self, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
         """Remove what crashed or interrupted writers left behind; committed data is untouched.
@@ -894,9 +980,21 @@ class ModelRepository:
         with os_errors(f"exporting {ckpt.version.ref} to {path}"):
             return portable.export(ckpt, Path(path), format, compression, overwrite)
 
-    def import_(self, path: str | os.PathLike[str], name: str, **kwargs: Any) -> Version:
+    def import_(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        stats: Callable[[Mapping[str, Any], Mapping[str, Any]], Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> Version:
         """Save a torch (``.pt``), safetensors or exported HDF5 file as a new version of
-        ``name``. Keywords are those of :meth:`save` and override stored metadata."""
+        ``name``. Keywords are those of :meth:`save` and override stored metadata.
+
+        ``stats(recipe, state_dict)``, called when the import carries a recipe, returns the
+        model's measured ``flops_per_sample``/``peak_memory_bytes``/``model_type`` (e.g.
+        :func:`aimass_hpc.runtime.model_stats.stats_from_recipe`); given values win.
+        """
         from aimass_hpc.repo import portable
 
         check_name(name)
@@ -911,10 +1009,15 @@ class ModelRepository:
             "peak_memory_bytes",
             "description",
             "recipe",
+            "model_type",
         ):
             if meta.get(key) is not None:
                 merged[key] = meta[key]
         merged.update(kwargs)
+        if stats is not None and merged.get("recipe") and state_dict:
+            for key, value in stats(merged["recipe"], state_dict).items():
+                if value is not None and merged.get(key) is None:
+                    merged[key] = value
         run = dict(merged.pop("run", None) or {})
         run.setdefault("imported_from", str(Path(path).absolute()))
         return self.save(name, state_dict, optimizer=optimizer, extra=extra, run=run, **merged)
@@ -944,6 +1047,15 @@ class _Background:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+def _aliased(aliases: Mapping[str, int], numbers: set[int]) -> dict[int, list[str]]:
+    """``{version: [alias, ...]}`` for the versions in ``numbers`` an alias points at."""
+    out: dict[int, list[str]] = {}
+    for alias, n in sorted(aliases.items()):
+        if n in numbers:
+            out.setdefault(n, []).append(alias)
+    return out
 
 
 def _shard_file(rank: int, world_size: int) -> str:

@@ -6,6 +6,14 @@ rank's RNG states). After each successful save rank 0 appends the version's ref 
 ``<run_dir>/checkpoints.jsonl``; a requeued job resumes from that file's last entry, so it
 always picks the newest checkpoint of *its own* run, never another run's version of the same
 model.
+
+Retention (``keep``, the spec's ``[train] keep_checkpoints`` or the site's
+``training.keep_checkpoints``): after each checkpoint save rank 0 deletes this run's older
+checkpoints beyond the newest ``keep``. Final models, versions an alias points at, the newest
+checkpoint (the one a restart resumes from) and other runs' versions are never deleted. Each
+deletion is the repository's own atomic delete, recorded afterwards as a ``pruned`` line in
+the index, so a kill at any instant leaves a consistent repository and a later prune finishes
+the job.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any
 from aimass_hpc.common import fsutil
 
 INDEX_FILE = "checkpoints.jsonl"
+CONFIG_FILE = "train.json"  # = aimass_hpc.runtime.config.CONFIG_FILE (no import cycle here)
 
 
 @dataclass
@@ -45,13 +54,20 @@ class SaveInfo:
     recipe: dict[str, Any] | None = None
     run: dict[str, Any] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
+    # Cost of the model (final versions): see aimass_hpc.runtime.model_stats.
+    flops_per_sample: float | None = None
+    peak_memory_bytes: int | None = None
+    model_type: str | None = None  # classifier, regressor, language-model, ...
 
 
 class CheckpointStore(ABC):
     """Where a run's checkpoints go. Only rank 0 calls :meth:`save`."""
 
-    def __init__(self, run_dir: str | Path | None) -> None:
+    def __init__(self, run_dir: str | Path | None, keep: int | None = None) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"keep_checkpoints must be a positive integer, got {keep!r}")
+        self.keep = keep  # None: keep every checkpoint
 
     @abstractmethod
     def _save(self, state: TrainState, info: SaveInfo, parent: str | None) -> str:
@@ -60,6 +76,10 @@ class CheckpointStore(ABC):
     @abstractmethod
     def load(self, ref: str) -> TrainState:
         """Read the checkpoint ``ref``."""
+
+    @abstractmethod
+    def _delete(self, refs: list[str]) -> list[str]:
+        """Delete the versions ``refs`` unless an alias points at them; the refs now gone."""
 
     def save(self, state: TrainState, info: SaveInfo) -> str:
         """Save ``state`` as a new version whose parent is this run's previous checkpoint.
@@ -70,13 +90,42 @@ class CheckpointStore(ABC):
         parent = self.latest_ref()
         ref = self._save(state, info, parent)
         self._record(ref, int(info.run.get("step", state.step)), info.kind, parent)
+        if info.kind == "checkpoint":
+            self.prune()
         return ref
 
-    def history(self) -> list[dict[str, Any]]:
-        """This run's saved checkpoints, oldest first."""
+    def prune(self) -> list[str]:
+        """Delete this run's checkpoints older than the newest ``keep``; the refs deleted.
+
+        Never a final model, an aliased version, the newest checkpoint or another run's
+        version. A deletion is recorded after it happened: a kill in between only makes the
+        next prune find the version already gone.
+        """
+        if self.keep is None:
+            return []
+        saved = [e["ref"] for e in self.history() if e.get("kind") == "checkpoint"]
+        protect = set(saved[-self.keep :]) | {self.latest_ref(), self.latest_ref("final")}
+        gone = self.pruned()
+        old = [r for r in saved[: -self.keep] if r not in protect and r not in gone]
+        if not old:
+            return []
+        deleted = self._delete(old)
+        for ref in deleted:
+            self._append({"ref": ref, "kind": "pruned"})
+        return deleted
+
+    def _entries(self) -> list[dict[str, Any]]:
         if self.run_dir is None:
             return self._memory_index
         return fsutil.read_json_lines(self.run_dir / INDEX_FILE)
+
+    def history(self) -> list[dict[str, Any]]:
+        """This run's saved checkpoints and final models, oldest first."""
+        return [e for e in self._entries() if e.get("kind") != "pruned"]
+
+    def pruned(self) -> set[str]:
+        """Refs of this run's checkpoints that retention deleted."""
+        return {e["ref"] for e in self._entries() if e.get("kind") == "pruned"}
 
     def latest_ref(self, kind: str = "checkpoint") -> str | None:
         """Ref of this run's newest version of ``kind`` ("checkpoint" or "final"), if any."""
@@ -97,7 +146,9 @@ class CheckpointStore(ABC):
         return self._index
 
     def _record(self, ref: str, step: int, kind: str, parent: str | None) -> None:
-        entry = {"ref": ref, "step": step, "kind": kind, "parent": parent}
+        self._append({"ref": ref, "step": step, "kind": kind, "parent": parent})
+
+    def _append(self, entry: dict[str, Any]) -> None:
         if self.run_dir is None:
             self._memory_index.append(entry)
         else:
@@ -105,10 +156,22 @@ class CheckpointStore(ABC):
 
 
 class RepositoryStore(CheckpointStore):
-    """Checkpoints as versions of ``model_name`` in a :class:`ModelRepository`."""
+    """Checkpoints as versions of ``model_name`` in a :class:`ModelRepository`.
 
-    def __init__(self, repository: str | Path, model_name: str, run_dir: str | Path | None):
-        super().__init__(run_dir)
+    ``keep`` None means the run config's ``keep_checkpoints`` (``<run_dir>/train.json``),
+    else every checkpoint is kept.
+    """
+
+    def __init__(
+        self,
+        repository: str | Path,
+        model_name: str,
+        run_dir: str | Path | None,
+        keep: int | None = None,
+    ):
+        if keep is None and run_dir is not None:
+            keep = _configured_keep(Path(run_dir))
+        super().__init__(run_dir, keep)
         self.repository = Path(repository)
         self.model_name = model_name
         self._repo: Any = None
@@ -134,8 +197,21 @@ class RepositoryStore(CheckpointStore):
             hyperparameters=info.hyperparameters or None,
             recipe=info.recipe,
             run=info.run or None,
+            flops_per_sample=info.flops_per_sample,
+            peak_memory_bytes=info.peak_memory_bytes,
+            model_type=info.model_type,
         )
         return str(version.ref)
+
+    def _delete(self, refs: list[str]) -> list[str]:
+        from aimass_hpc.repo.refs import Ref
+
+        numbers = []
+        for ref in refs:
+            r = Ref.parse(ref)
+            if r.name == self.model_name and r.version is not None:
+                numbers.append(r.version)
+        return [v.ref for v in self.repo.prune(self.model_name, numbers)]
 
     def load(self, ref: str) -> TrainState:
         ckpt = self.repo.load(ref)
@@ -150,16 +226,21 @@ class RepositoryStore(CheckpointStore):
 class MemoryStore(CheckpointStore):
     """Checkpoints kept in this process (tests and runs without a repository)."""
 
-    def __init__(self, run_dir: str | Path | None = None) -> None:
-        super().__init__(run_dir)
+    def __init__(self, run_dir: str | Path | None = None, keep: int | None = None) -> None:
+        super().__init__(run_dir, keep)
         self.saved: dict[str, tuple[TrainState, SaveInfo]] = {}
+        self._count = 0
 
     def _save(self, state: TrainState, info: SaveInfo, parent: str | None) -> str:
         import copy
 
-        ref = f"memory:{len(self.saved) + 1}"
+        self._count += 1  # not len(saved): pruning shrinks it, refs must stay unique
+        ref = f"memory:{self._count}"
         self.saved[ref] = (copy.deepcopy(state), info)
         return ref
+
+    def _delete(self, refs: list[str]) -> list[str]:
+        return [ref for ref in refs if self.saved.pop(ref, None) is not None]
 
     def load(self, ref: str) -> TrainState:
         import copy
@@ -167,3 +248,14 @@ class MemoryStore(CheckpointStore):
         state = copy.deepcopy(self.saved[ref][0])
         state.ref = ref
         return state
+
+
+def _configured_keep(run_dir: Path) -> int | None:
+    """``keep_checkpoints`` of the run config in ``run_dir`` (None if absent or unreadable)."""
+    try:
+        value = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")).get(
+            "keep_checkpoints"
+        )
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None

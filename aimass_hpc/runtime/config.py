@@ -58,6 +58,10 @@ class RunConfig:
     # The user's spec as written (lineage of the final model) and where it came from.
     spec: dict[str, Any] = field(default_factory=dict)
     spec_path: str | None = None
+    # Retention: keep this many of the run's newest checkpoints (final models and aliased
+    # versions always stay); None keeps them all. Spec [train] keep_checkpoints, else the
+    # site's training.keep_checkpoints.
+    keep_checkpoints: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -37,6 +37,9 @@ class TrainTask:
     metrics: dict[str, MetricFn] = field(default_factory=dict)
     # How a server rebuilds the bare model: {"factory": "module:function", "kwargs": {...}}.
     recipe: dict[str, Any] | None = None
+    # What the model is for (aimass_hpc.repo.metadata.MODEL_TYPES: classifier, regressor,
+    # language-model, ...); None: read from the recipe's "model_type", else from the loss.
+    model_type: str | None = None
 
     @classmethod
     def coerce(cls, value: Any, ref: str) -> TrainTask:
@@ -44,7 +47,7 @@ class TrainTask:
         if isinstance(value, TrainTask):
             task = value
         elif isinstance(value, Mapping):
-            known = {"model", "train", "val", "loss", "metrics", "recipe"}
+            known = {"model", "train", "val", "loss", "metrics", "recipe", "model_type"}
             unknown = set(value) - known
             if unknown:
                 raise TypeError(f"task {ref} returned unknown keys {sorted(unknown)}")
@@ -60,6 +63,14 @@ class TrainTask:
         if not isinstance(task.model, nn.Module):
             raise TypeError(f"task {ref}: model must be a torch.nn.Module")
         task.metrics = dict(task.metrics or {})
+        if task.model_type is not None:
+            from aimass_hpc.common.errors import InputError
+            from aimass_hpc.repo.metadata import check_model_type
+
+            try:
+                check_model_type(task.model_type)
+            except InputError as exc:
+                raise TypeError(f"task {ref}: {exc}") from None
         return task
 
 

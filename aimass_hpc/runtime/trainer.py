@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from aimass_hpc.runtime import preempt, rng
+from aimass_hpc.runtime import model_stats, preempt, rng
 from aimass_hpc.runtime.checkpoint import CheckpointStore, SaveInfo, TrainState
 from aimass_hpc.runtime.config import TrainParams
 from aimass_hpc.runtime.distributed import Backend, LocalBackend
@@ -280,7 +280,21 @@ class Trainer:
         if existing:
             return existing
         weights = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
-        return self.store.save(TrainState(model=weights), self._info("final"))
+        info = self._info("final")
+        sample = model_stats.sample_input(self.recipe)
+        if sample is None:
+            sample = model_stats.sample_from_dataset(self.task.train)
+        stats = model_stats.measure(self.model, sample, self.device)
+        info.flops_per_sample = stats.flops_per_sample
+        info.peak_memory_bytes = stats.peak_memory_bytes
+        info.model_type = model_stats.model_type_of(
+            declared=self.task.model_type,
+            recipe=self.recipe,
+            loss=self.task.loss,
+            model=self.model,
+            sample=sample,
+        )
+        return self.store.save(TrainState(model=weights), info)
 
     # ------------------------------------------------------------------------------ loop
 
