@@ -27,6 +27,7 @@ _SEARCH_HELP = """Hyperparameter search: each trial is a batch job.
   aimass search status DIR           table of trials (params, value, state, job id, duration)
   aimass search cancel DIR           stop the search and its running trials
   aimass search plot DIR             best-so-far and parallel-coordinates PNGs
+  aimass search list [GLOB]          searches under the site's runs root (name, state, best)
 
 DIR is a search directory, or with --site the name of a search under that site's
 <runs root>/searches (a directory there, or the newest search of that spec name).
@@ -45,6 +46,8 @@ Where the driver runs (the process that proposes trials and watches them):
   Only one driver runs a search at a time (driver.lock in DIR, with a heartbeat).
 
 The search state is an append-only journal (journal.jsonl) in the search directory.
+A search over a training spec puts the alias best-<search name> on its best model.
+More: docs/search.md.
 """
 
 
@@ -259,6 +262,54 @@ def plot_cmd(directory: str, out: str | None, site_ref: str | None, as_json: boo
             click.echo(str(p))
 
 
+@search.command("list")
+@click.argument("pattern", metavar="[GLOB]", default="*")
+@site_option
+@click.option("--json", "as_json", is_flag=True, help="Print the searches as JSON.")
+def list_cmd(pattern: str, site_ref: str | None, as_json: bool) -> None:
+    """Searches under the site's <runs root>/searches whose name matches GLOB (default: all).
+
+    Shows name, state (running, stopped, finished, cancelled), trials done/budget, the best
+    value, the best model's alias (MODEL@best-NAME) and the search directory, oldest first.
+    """
+    from aimass_hpc.launch.search_launch import list_searches, search_site, searches_root
+
+    site = search_site(site_ref)
+    found = list_searches(site, pattern)
+    if as_json:
+        click.echo(json.dumps([s.to_dict() for s in found], indent=2))
+        return
+    root = searches_root(site)
+    table = Table(
+        title=f"searches matching {pattern!r}" if pattern != "*" else "searches",
+        caption=f"search dirs are under {root} (--json: full paths)",
+    )
+    for col, kw in (
+        ("name", {"no_wrap": True}),
+        ("state", {"no_wrap": True}),
+        ("trials", {"justify": "right", "no_wrap": True}),
+        ("best", {"justify": "right", "no_wrap": True}),
+        ("best ref", {"no_wrap": True}),
+        ("search dir", {"overflow": "fold"}),
+    ):
+        table.add_column(col, **kw)
+    for s in found:
+        style = {"finished": "green", "running": "cyan", "damaged": "red"}.get(s.state, "")
+        best = "" if s.best_value is None else f"{_fmt_value(s.best_value)} (trial {s.best_trial})"
+        table.add_row(
+            s.name,
+            f"[{style}]{s.state}[/{style}]" if style else s.state,
+            f"{s.done}/{s.budget if s.budget is not None else '?'}",
+            best,
+            s.best_ref or "",
+            (s.path.name if s.path.parent == root else str(s.path))
+            + (f"\n{s.note}" if s.note else ""),
+        )
+    Console().print(table)
+    if not found:
+        click.echo("no search found", err=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 
@@ -378,4 +429,7 @@ def _print_table(sdir: Any, state: J.SearchState, spec: Any) -> None:
         )
     if state.promoted:
         p = state.promoted
-        console.print(f"promoted: {p.get('model')}:{p.get('version')} is {p.get('model')}@best")
+        model = p.get("model")
+        names = p.get("aliases") or [p.get("alias") or "best"]
+        aliases = " and ".join(f"{model}@{a}" for a in names)
+        console.print(f"promoted: {model}:{p.get('version')} is {aliases}")

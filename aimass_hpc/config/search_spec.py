@@ -30,8 +30,11 @@ A TOML file with these tables (only ``[search]``, ``[objective]`` and ``[space]`
     [driver]                   # the driver's own job when run with --detach
     time = "1-00:00:00"        # default: the partition's MaxTime
 
-A ``command`` objective may use ``{name}`` placeholders for parameters (an inactive conditional
-parameter becomes an empty string), ``{trial_id}`` and ``{python}`` (the site's interpreter).
+A ``command`` objective, and the ``[script] args``/``command`` of a training spec objective,
+may use ``{name}`` placeholders for parameters (an inactive conditional parameter becomes an
+empty string), ``{trial_id}`` and ``{python}`` (the site's interpreter); ``{{``/``}}`` are
+literal braces. Each filled argument stays one argv word. A name that is not a parameter of
+``[space]`` is refused when the spec is loaded (``--dry-run`` too). See docs/search.md.
 Every trial also gets ``params.json`` in its run directory and the ``AIMASS_TRIAL_PARAMS``
 (JSON) and ``AIMASS_TRIAL_ID`` environment variables. Its value is the one it reports through
 the runtime API (a result file in the run directory) or else the last line of its output that
@@ -42,8 +45,8 @@ directory unless ``objective.workdir`` says otherwise.
 from __future__ import annotations
 
 import difflib
-import string
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +54,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from aimass_hpc.common.errors import InputError
 from aimass_hpc.common.names import (
-    PARAM_NAME,
     Constraint,
     EnvName,
     MemSize,
@@ -59,11 +61,17 @@ from aimass_hpc.common.names import (
     SlurmName,
     Text,
     check_tree,
-    shown,
 )
 from aimass_hpc.common.timelimit import check_time
 from aimass_hpc.config.job_spec import read_spec_toml
 from aimass_hpc.config.site import problems_from_validation
+
+# The placeholder rule lives with the training spec (``aimass train`` must not import the
+# search side); the search re-uses it for ``objective.command``.
+from aimass_hpc.config.train_spec import (
+    command_placeholders,
+    fill_placeholders,
+)
 from aimass_hpc.hpo.space import Space
 
 SAMPLERS = ("mcts", "random", "tpe")
@@ -197,53 +205,24 @@ def _resolve(path: str, base: str) -> Path:
     return p if p.is_absolute() else (Path(base) / p).resolve()
 
 
-def command_placeholders(command: list[str]) -> list[tuple[int, str]]:
-    """``(argument index, field name)`` of every ``{name}`` placeholder in ``command``."""
-    out = []
-    for i, arg in enumerate(command):
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
-        except ValueError as exc:
-            raise InputError(
-                f"objective.command[{i}]: bad placeholder in {shown(arg)}: {exc}"
-            ) from None
-        for name in fields:
-            if not PARAM_NAME.matches(name):
-                raise InputError(
-                    f"objective.command[{i}]: placeholder {shown(name)} must name a parameter "
-                    "(use {{ and }} for literal braces)"
-                )
-            out.append((i, name))
-    return out
+def placeholder_values(
+    params: dict[str, Any], names: Sequence[str], *, trial_id: int, python: str
+) -> dict[str, Any]:
+    """What a trial's placeholders read: every parameter of the space (an inactive
+    conditional one as an empty string), ``trial_id`` and ``python``."""
+    values: dict[str, Any] = {name: "" for name in names}
+    values.update({"trial_id": trial_id, "python": python})
+    values.update(params)
+    return values
 
 
 def format_command(
     command: list[str], params: dict[str, Any], *, trial_id: int, python: str
 ) -> list[str]:
     """``command`` with placeholders filled (inactive conditional parameters: empty)."""
-    values: dict[str, Any] = {"trial_id": trial_id, "python": python}
-    values.update({k: _arg(v) for k, v in params.items()})
-
-    # Plain names only: {a.b} is looked up as a whole name, never as an attribute access.
-    out = []
-    for i, arg in enumerate(command):
-        pieces = []
-        for literal, name, spec, conv in string.Formatter().parse(arg):
-            pieces.append(literal)
-            if name is None:
-                continue
-            if name not in values:
-                continue  # an inactive conditional parameter
-            value = values[name]
-            try:
-                pieces.append(str(value) if conv else format(value, spec or ""))
-            except (TypeError, ValueError) as exc:
-                raise InputError(
-                    f"objective.command[{i}]: cannot format {name}={value!r} as {{{name}:{spec}}}"
-                    f": {exc}"
-                ) from None
-        out.append("".join(pieces))
-    return out
+    names = [n for _, n in command_placeholders(command)]
+    values = placeholder_values(params, names, trial_id=trial_id, python=python)
+    return fill_placeholders(command, values, field="objective.command")
 
 
 # [trial] keys that override a training spec's [job] table (when set in the search spec).
@@ -292,13 +271,6 @@ def train_overrides(spec: SearchSpec, params: dict[str, Any]) -> dict[str, Any]:
         if key is not None:
             out[key] = value
     return out
-
-
-def _arg(value: Any) -> Any:
-    # TOML/JSON-style booleans, so `--flag={flag}` reads true/false like the spec does.
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value
 
 
 def spec_from_mapping(data: dict[str, Any], *, base_dir: str | Path, where: str) -> SearchSpec:
@@ -353,13 +325,7 @@ def _check_semantics(spec: SearchSpec, where: str) -> None:
         except InputError as exc:
             raise InputError(f"{where}: {exc}") from None
         for i, name in placeholders:
-            if name not in space.names and name not in RESERVED_PLACEHOLDERS:
-                close = difflib.get_close_matches(name, space.names, n=1, cutoff=0.6)
-                hint = f"; did you mean {{{close[0]}}}?" if close else ""
-                raise InputError(
-                    f"{where}: objective.command[{i}]: placeholder {{{name}}} is not a "
-                    f"parameter of [space]{hint}"
-                )
+            _check_known(name, space.names, f"{where}: objective.command[{i}]")
     train_path = spec.train_spec_path  # None exactly when objective.train is
     if train_path is not None:
         try:
@@ -377,11 +343,26 @@ def _check_semantics(spec: SearchSpec, where: str) -> None:
 
         sample = space.sample(np.random.default_rng(0))
         try:
-            load_train_spec(train_path, train_overrides(spec, sample))
+            train = load_train_spec(train_path, train_overrides(spec, sample))
         except InputError as exc:
             raise InputError(
                 f"{where}: objective.train: with the space's parameters: {exc}"
             ) from None
+        try:
+            found = train.script_placeholders()
+        except InputError as exc:
+            raise InputError(f"{where}: objective.train: {train_path.name}: {exc}") from None
+        for field, name in found:
+            _check_known(name, space.names, f"{where}: objective.train: {train_path.name}: {field}")
+
+
+def _check_known(name: str, names: Sequence[str], where: str) -> None:
+    """A placeholder must be a parameter of the space or a reserved name."""
+    if name in names or name in RESERVED_PLACEHOLDERS:
+        return
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    hint = f"; did you mean {{{close[0]}}}?" if close else ""
+    raise InputError(f"{where}: placeholder {{{name}}} is not a parameter of [space]{hint}")
 
 
 def load_search_spec(path: str | Path) -> SearchSpec:

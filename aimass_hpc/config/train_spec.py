@@ -39,6 +39,7 @@ import ast
 import importlib.machinery
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from aimass_hpc.common.errors import InputError
 from aimass_hpc.common.names import (
+    Constraint,
     EnvName,
     MemSize,
     ModelName,
@@ -56,6 +58,7 @@ from aimass_hpc.common.names import (
     TaskRef,
     Text,
     check_tree,
+    shown,
 )
 from aimass_hpc.config.job_spec import JobRequest, read_spec_toml, request_from_mapping
 from aimass_hpc.config.site import Site, problems_from_validation
@@ -103,6 +106,9 @@ class TrainSection(_Strict):
     steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(0, ge=0, description="steps; 0 = end and preemption only")
+    keep_checkpoints: int | None = Field(
+        None, ge=1, description="newest checkpoints of the run kept; default the site's"
+    )
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(None, gt=0)
@@ -134,6 +140,8 @@ class JobSection(_Strict):
     account: SlurmName | None = None
     qos: SlurmName | None = None
     reservation: SlurmName | None = None
+    constraint: Constraint | None = Field(None, description="--constraint expression")
+    sbatch_extra: list[str] = Field(default_factory=list, description="raw --opt=value items")
     env: dict[EnvName, Text] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -226,7 +234,8 @@ class TrainSpec(_Strict):
             task_args=dict(self.task.args) if self.task else {},
             script=str(script) if script else None,
             script_args=list(self.script.args) if self.script else [],
-            train=TrainParams(**self.train.model_dump()),
+            train=TrainParams(**self.train.model_dump(exclude={"keep_checkpoints"})),
+            keep_checkpoints=self.train.keep_checkpoints,
             model_name=self.model.name,
             repository=repository,
             tags=list(self.model.tags),
@@ -247,6 +256,46 @@ class TrainSpec(_Strict):
         return [python, "-m", "aimass_hpc.runtime", "run", str(self.script_path()),
                 *self.script.args]  # fmt: skip
 
+    def script_placeholders(self) -> list[tuple[str, str]]:
+        """``(field, name)`` of every ``{name}`` in ``[script] args`` and ``command``
+        (``field`` like ``script.args[1]``); malformed braces are an ``InputError``."""
+        out: list[tuple[str, str]] = []
+        if self.script is None:
+            return out
+        for key in ("args", "command"):
+            items = getattr(self.script, key) or []
+            out += [
+                (f"script.{key}[{i}]", n) for i, n in command_placeholders(items, f"script.{key}")
+            ]
+        return out
+
+    def fill_script(self, values: dict[str, Any] | None) -> TrainSpec:
+        """The spec with ``{name}`` placeholders of ``[script] args``/``command`` filled from
+        ``values`` (a search trial's parameters) and ``{{``/``}}`` made single braces.
+
+        ``values=None`` is a plain ``aimass train``: there are no parameters, so any
+        placeholder is an ``InputError`` naming the field (write ``{{`` for a literal brace).
+        """
+        if self.script is None:
+            return self
+        if values is None:
+            found = self.script_placeholders()
+            if found:
+                field, name = found[0]
+                raise InputError(
+                    f"{field}: placeholder {{{name}}} has no value: placeholders are "
+                    "filled only by `aimass search` with a trial's parameters (write {{ and }} "
+                    "for literal braces)"
+                )
+            values = {}
+        args = fill_placeholders(self.script.args, values, field="script.args")
+        update: dict[str, Any] = {"args": args}
+        if self.script.command is not None:
+            update["command"] = fill_placeholders(
+                self.script.command, values, field="script.command"
+            )
+        return self.model_copy(update={"script": self.script.model_copy(update=update)})
+
     # ---------------------------------------------------------------- checks
 
     def check_workload(self) -> None:
@@ -256,6 +305,136 @@ class TrainSpec(_Strict):
         script = self.script_path()
         if script is not None and not script.is_file():
             raise InputError(f"script.path: {script} does not exist")
+
+
+# --------------------------------------------------------------------------- placeholders
+# ``{name}`` in an argument list, filled with a search trial's parameters. One rule for a
+# search's ``objective.command`` and a training spec's ``[script] args``/``command``.
+
+
+# A placeholder is ``{name}``, ``{name:spec}`` or ``{name!r}`` with a parameter-shaped name.
+# Every other brace is the script's own: ``${VAR}`` and ``${VAR:-x}`` (shell parameter
+# expansion), ``{a,b}`` (brace expansion), ``{print $1}`` (awk) pass through unchanged;
+# ``{{``/``}}`` are the escape for a literal brace around something that looks like a name.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?:!([rsa]))?(?::([^{}]*))?\}")
+
+
+_UNCLOSED = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*(?:![rsa])?(?::[^{}]*)?$")
+
+
+def _split_placeholders(
+    arg: str, where: str = "argument"
+) -> list[tuple[str, str | None, str, str | None]]:
+    """``arg`` as ``(literal, name, spec, conversion)`` pieces (name None: literal only).
+
+    A ``{name`` left open at the end of ``arg`` is a typo, not shell code: an InputError
+    naming ``where``.
+    """
+    out: list[tuple[str, str | None, str, str | None]] = []
+    literal: list[str] = []
+    i = 0
+    while i < len(arg):
+        two = arg[i : i + 2]
+        if two in ("{{", "}}"):
+            literal.append(two[0])
+            i += 2
+            continue
+        if two == "${" and arg[i + 2 : i + 3] != "{":
+            # shell parameter expansion, nested ones included: not ours ("${{X}}", the
+            # escaped spelling str.format needed, still means ${X})
+            depth, j = 0, i + 1
+            while j < len(arg):
+                depth += {"{": 1, "}": -1}.get(arg[j], 0)
+                j += 1
+                if depth == 0:
+                    break
+            literal.append(arg[i:j])
+            i = j
+            continue
+        found = _PLACEHOLDER.match(arg, i) if arg[i] == "{" else None
+        if found is None and arg[i] == "{" and _UNCLOSED.match(arg, i):
+            raise InputError(
+                f"{where}: bad placeholder in {shown(arg)}: {shown(arg[i:], 40)} is not "
+                "closed (use {{ and }} for literal braces)"
+            )
+        if found is None:
+            literal.append(arg[i])
+            i += 1
+            continue
+        out.append(("".join(literal), found.group(1), found.group(3) or "", found.group(2)))
+        literal = []
+        i = found.end()
+    if literal or not out:
+        out.append(("".join(literal), None, "", None))
+    return out
+
+
+def command_placeholders(
+    command: list[str], field: str = "objective.command"
+) -> list[tuple[int, str]]:
+    """``(argument index, name)`` of every ``{name}`` placeholder in ``command``.
+
+    ``field`` names the list in messages (``objective.command``, ``script.args``...).
+    """
+    return [
+        (i, name)
+        for i, arg in enumerate(command)
+        for _, name, _, _ in _split_placeholders(arg, f"{field}[{i}]")
+        if name is not None
+    ]
+
+
+def placeholder_value(value: Any) -> str:
+    """One parameter as an argument word, spelled so that it reads back as the same value:
+    an int as an int, a float with ``repr`` (``0.001``, ``1e-05``), a bool as TOML/JSON
+    ``true``/``false``, a string as given."""
+    if hasattr(value, "item") and not isinstance(value, str):
+        value = value.item()  # a numpy scalar: its repr would be np.float64(...)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def fill_placeholders(args: list[str], values: dict[str, Any], *, field: str) -> list[str]:
+    """``args`` with every ``{name}`` replaced by ``values[name]`` (``{{``/``}}``: a brace).
+
+    Each filled argument stays ONE argv word, whatever the value holds (templates quote it).
+    ``{name:spec}`` applies a format spec to the raw value (``{lr:.3g}``). A name not in
+    ``values`` is an ``InputError`` naming ``field[i]`` and the name.
+    """
+    out = []
+    for i, arg in enumerate(args):
+        pieces = []
+        for literal, name, spec, conv in _split_placeholders(arg, f"{field}[{i}]"):
+            pieces.append(literal)
+            if name is None:
+                continue
+            if name not in values:
+                known = ", ".join(sorted(values)) or "none"
+                raise InputError(
+                    f"{field}[{i}]: placeholder {{{name}}} has no value (known: {known}; "
+                    "use {{ and }} for literal braces)"
+                )
+            value = values[name]
+            if isinstance(value, str) and (not spec or value == ""):
+                pieces.append(value)  # a string as given; "" is an inactive parameter
+                continue
+            try:
+                raw = value.item() if hasattr(value, "item") else value
+                if spec and not conv and not isinstance(raw, bool):
+                    pieces.append(format(raw, spec))
+                else:
+                    pieces.append(placeholder_value(raw))
+            except (TypeError, ValueError) as exc:
+                raise InputError(
+                    f"{field}[{i}]: cannot format {name}={value!r} as {{{name}:{spec}}}: {exc}"
+                ) from None
+        out.append("".join(pieces))
+    return out
 
 
 @dataclass(frozen=True)
@@ -271,12 +450,17 @@ class TrainPlan:
         return {CONFIG_FILE: json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"}
 
 
-def plan_training(spec: TrainSpec, site: Site) -> TrainPlan:
+def plan_training(
+    spec: TrainSpec, site: Site, placeholders: dict[str, Any] | None = None
+) -> TrainPlan:
     """Check ``spec`` against ``site`` and everything reachable from the login node.
 
     Raises ``InputError`` before anything is written or queued: unknown task reference or
-    script, unknown backend, Horovod not installed, more GPUs or nodes than the partition has.
+    script, unknown backend, Horovod not installed, more GPUs or nodes than the partition has,
+    a ``{placeholder}`` in ``[script]`` without a value. ``placeholders``: what a search
+    trial's placeholders read (see :meth:`TrainSpec.fill_script`); None for ``aimass train``.
     """
+    spec = spec.fill_script(placeholders)
     spec.check_workload()
     backend = spec.resolved_backend(site.training.backend)
     if backend == "horovod":
@@ -307,6 +491,8 @@ def plan_training(spec: TrainSpec, site: Site) -> TrainPlan:
             "account": job.account,
             "qos": job.qos,
             "reservation": job.reservation,
+            "constraint": job.constraint,
+            "sbatch_extra": list(job.sbatch_extra),
             "requeue": site.preemption.max_restarts > 0,
             "signal": True,
             "workdir": str(spec.base_dir),
@@ -321,6 +507,8 @@ def plan_training(spec: TrainSpec, site: Site) -> TrainPlan:
         warning_signal=site.preemption.signal,
         max_restarts=site.preemption.max_restarts,
     )
+    if config.keep_checkpoints is None:
+        config.keep_checkpoints = site.training.keep_checkpoints
     return TrainPlan(spec, request, config)
 
 

@@ -59,6 +59,7 @@ from aimass_hpc.config.job_spec import JobRequest
 from aimass_hpc.config.search_spec import (
     SearchSpec,
     format_command,
+    placeholder_values,
     spec_from_record,
     train_overrides,
 )
@@ -883,12 +884,21 @@ class SearchDriver:
         except (OSError, ValueError):
             repository = str(self.site.models_root)
         try:
-            promoted = promote_best(repository, str(ref))
+            promoted = promote_best(repository, str(ref), self.spec.search.name)
         except Exception as exc:  # noqa: BLE001 - the search result stands without the alias
             self.echo(f"promotion of {ref} failed: {exc}")
             return
         self.journal.append(J.MODEL_PROMOTED, trial=best.id, ref=str(ref), **promoted)
-        self.echo(f"promoted {promoted['model']}:{promoted['version']} to {promoted['model']}@best")
+        model, number = promoted["model"], promoted["version"]
+        to = " and ".join(f"{model}@{a}" for a in promoted["aliases"])
+        was = promoted["previous"]
+        moved = f" (it was on {model}:{was})" if was not in (None, number) else ""
+        self.echo(f"promoted {model}:{number} to {to}{moved}")
+        if promoted["best_kept"] is not None:
+            self.echo(
+                f"{model}@best stays on {model}:{promoted['best_kept']}: another search set it; "
+                f"this search's best is {model}@{promoted['alias']}"
+            )
 
     # ------------------------------------------------------------------------- lock & signals
 
@@ -994,7 +1004,10 @@ def build_trial(
 
         assert spec.train_spec_path is not None
         train = load_train_spec(spec.train_spec_path, train_overrides(spec, params))
-        plan = plan_training(train, site)
+        values = placeholder_values(
+            params, spec.space_obj().names, trial_id=trial_id, python=site.python
+        )
+        plan = plan_training(train, site, values)
         files.update(plan.files())
         request = plan.request.model_copy(
             update={
@@ -1067,14 +1080,53 @@ def driver_request(spec: SearchSpec, site: Site, sdir: SearchDir) -> JobRequest:
     )
 
 
-def promote_best(repository: str | os.PathLike[str], ref: str) -> dict[str, Any]:
-    """Point alias ``best`` at model version ``ref`` (``name:number``) in ``repository``."""
+BEST_ALIAS = "best"  # the plain alias: owned by the first search name over a model
+
+
+def best_alias(search_name: str) -> str:
+    """The alias a search puts on its best model: ``best-<search name>``.
+
+    A search name (letters, digits, ``_ . -``, at most 80) always makes a valid alias name
+    (``aimass_hpc.common.names.ALIAS_NAME``), so every search name has its own alias.
+    """
+    return f"{BEST_ALIAS}-{search_name}"
+
+
+def promote_best(
+    repository: str | os.PathLike[str], ref: str, search_name: str | None = None
+) -> dict[str, Any]:
+    """Point the best alias at model version ``ref`` (``name:number``) in ``repository``.
+
+    With ``search_name``: ``NAME@best-<search name>`` (see :func:`best_alias`), and the plain
+    ``NAME@best`` only when it is unset or still points where this search name's alias does
+    (it belongs to the first search name that set it; another search never moves it).
+    Without: the plain ``best`` (the old behaviour). Returns ``model``, ``version``,
+    ``alias`` (the search's alias), ``aliases`` (all set), ``previous`` (what the search's
+    alias pointed at before, or None) and ``best_kept`` (the version the plain ``best``
+    stayed on when it belongs to another search, else None).
+    """
     from aimass_hpc.repo import ModelRepository
     from aimass_hpc.repo.refs import Ref
 
     name = Ref.parse(ref, "final_ref").name
-    version = ModelRepository(repository).promote(name, ref, "best")
-    return {"model": version.name, "version": version.number, "alias": "best"}
+    repo = ModelRepository(repository)
+    if search_name is None:
+        version = repo.promote(name, ref, BEST_ALIAS)
+        return {"model": version.name, "version": version.number, "alias": BEST_ALIAS,
+                "aliases": [BEST_ALIAS], "previous": None, "best_kept": None}  # fmt: skip
+    alias = best_alias(search_name)
+    mine = repo.alias_version(name, alias)
+    plain = repo.alias_version(name, BEST_ALIAS)
+    version = repo.promote(name, ref, alias)
+    aliases = [alias]
+    kept = None
+    if plain is None or plain == mine:
+        repo.promote(name, version.number, BEST_ALIAS)
+        aliases.append(BEST_ALIAS)
+    elif plain != version.number:
+        kept = plain
+    return {"model": version.name, "version": version.number, "alias": alias,
+            "aliases": aliases, "previous": mine, "best_kept": kept}  # fmt: skip
 
 
 def _fmt_params(params: dict[str, Any]) -> str:

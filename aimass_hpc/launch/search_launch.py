@@ -70,6 +70,99 @@ def find_search(name: str, site: Site) -> Path:
     return found[-1]
 
 
+@dataclass(frozen=True)
+class SearchSummary:
+    """One search as ``aimass search list`` shows it."""
+
+    name: str
+    state: str  # running | stopped | finished | cancelled | damaged
+    done: int  # trials ended (finished, failed, pruned, cancelled)
+    budget: int | None
+    best_value: float | None
+    best_trial: int | None
+    best_ref: str | None  # MODEL@ALIAS of the promoted model, or None
+    path: Path
+    created_at: float | None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``aimass search list --json``)."""
+        return {
+            "name": self.name,
+            "state": self.state,
+            "trials_done": self.done,
+            "budget": self.budget,
+            "best_value": self.best_value,
+            "best_trial": self.best_trial,
+            "best_ref": self.best_ref,
+            "search_dir": str(self.path),
+            "created_at": self.created_at,
+            "note": self.note,
+        }
+
+
+def searches_root(site: Site) -> Path:
+    """Where searches live by default: ``<runs root>/searches``."""
+    return site.runs_root / D.SEARCHES_DIR
+
+
+def list_searches(site: Site, pattern: str = "*") -> list[SearchSummary]:
+    """Every search under ``<runs root>/searches`` whose name matches the glob ``pattern``,
+    oldest first. A search whose journal cannot be read is listed as ``damaged``."""
+    import fnmatch
+
+    root = searches_root(site)
+    try:
+        entries = sorted(p for p in root.iterdir() if (p / J.JOURNAL_NAME).is_file())
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise os_error(exc, f"searches directory {shown_path(root)}") from None
+    out = []
+    for entry in entries:
+        summary = _summarize(D.SearchDir(entry))
+        if fnmatch.fnmatchcase(summary.name, pattern):
+            out.append(summary)
+    out.sort(key=lambda s: (s.created_at or 0.0, str(s.path)))
+    return out
+
+
+def _summarize(sdir: D.SearchDir) -> SearchSummary:
+    from aimass_hpc.common.errors import AimassError
+
+    try:
+        state = sdir.state()
+        # The journaled spec as recorded (not re-validated: a list must not load every
+        # search's training spec, nor fail when one was moved since).
+        settings = (state.spec or {}).get("search")
+        if not isinstance(settings, dict) or not isinstance(settings.get("name"), str):
+            raise ValueError("the journal has no search_created record")
+    except (AimassError, OSError, ValueError) as exc:
+        return SearchSummary(sdir.path.name, "damaged", 0, None, None, None, None, sdir.path,
+                             None, note=str(exc)[:200])  # fmt: skip
+    budget = settings.get("budget")
+    best = state.best_trial(str(settings.get("direction", "minimize")))
+    promoted = state.promoted or {}
+    best_ref = None
+    if promoted.get("model"):
+        best_ref = f"{promoted['model']}@{promoted.get('alias') or D.BEST_ALIAS}"
+    if state.finished:
+        status = "cancelled" if state.cancel_requested else "finished"
+    else:
+        status = "running" if driver_alive(sdir) else "stopped"
+    return SearchSummary(
+        name=settings["name"],
+        state=status,
+        done=sum(t.terminal for t in state.trials.values()),
+        budget=budget if isinstance(budget, int) else None,
+        best_value=None if best is None else best.value,
+        best_trial=None if best is None else best.id,
+        best_ref=best_ref,
+        path=sdir.path,
+        created_at=state.created_at,
+    )
+
+
 def search_site(ref: str | None, sdir: D.SearchDir | None = None) -> Site:
     """The site ``ref``; without one, the site the search in ``sdir`` was created on."""
     from aimass_hpc.config.site import load_site
