@@ -19,6 +19,7 @@ from aimass_hpc.common.errors import InputError, NotFoundError
 from aimass_hpc.common.slurm_cli import is_job_ref
 from aimass_hpc.common.timelimit import format_elapsed
 from aimass_hpc.config.site import Site, load_site
+from aimass_hpc.launch.failure_report import Outcome, job_outcome, rank_lines
 from aimass_hpc.launch.runs import RunDir, find_run, list_runs
 from aimass_hpc.launch.scheduler import JobState, JobStatus, check_answered, get_scheduler
 from aimass_hpc.runtime.metrics import summarize
@@ -32,6 +33,7 @@ _STATE_STYLE = {
     JobState.COMPLETING: "cyan",
     JobState.UNKNOWN: "magenta",
 }
+_STATE_VALUES = {state.value for state in JobState}
 
 
 def _is_spec(path: str) -> bool:
@@ -147,10 +149,12 @@ def submit(
     assert sub.job_id is not None
     final = get_scheduler(site_obj).wait([sub.job_id])[sub.job_id]
     if as_json:
-        click.echo(json.dumps({**sub.to_dict(), "status": final.to_dict()}, indent=2))
+        runs = {sub.job_id: sub.run_dir}
+        shown = json.loads(_status_json({sub.job_id: final}, runs))[0]
+        click.echo(json.dumps({**sub.to_dict(), "status": shown}, indent=2))
     else:
         _print_table({sub.job_id: final}, {sub.job_id: sub.run_dir})
-    sys.exit(0 if final.state is JobState.COMPLETED else 1)
+    sys.exit(0 if _all_ok({sub.job_id: final}, {sub.job_id: sub.run_dir}) else 1)
 
 
 def _resolve_refs(site_obj: Site, refs: tuple[str, ...]) -> tuple[list[str], dict[str, RunDir]]:
@@ -205,18 +209,33 @@ def _progress_text(run: RunDir | None) -> str | None:
     return text
 
 
+def _outcomes(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> dict[str, Outcome]:
+    """What each job's status shows, corrected by its run directory (result.json, logs); a
+    finished job's outcome is recorded in its run directory's state.json."""
+    out: dict[str, Outcome] = {}
+    for job_id, st in statuses.items():
+        run = runs.get(job_id)
+        out[job_id] = outcome = job_outcome(st, run)
+        if run is not None and st.is_terminal:
+            run.record_outcome(outcome.to_dict())
+    return out
+
+
 def _print_table(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> None:
+    outcomes = _outcomes(statuses, runs)
     table = Table("id", "name", "state", "elapsed", "nodes", "progress", "reason")
     for job_id, st in statuses.items():
         run = runs.get(job_id)
+        outcome = outcomes[job_id]
         progress = _progress_text(run)
         name = run.name if run is not None else st.name
-        style = _STATE_STYLE.get(st.state, "red" if st.is_terminal else "")
-        state = Text(st.state.value, style=style)
+        shown = JobState(outcome.state) if outcome.state in _STATE_VALUES else st.state
+        style = _STATE_STYLE.get(shown, "red" if st.is_terminal else "")
+        state = Text(outcome.state, style=style)
         if st.restart_count:
             state.append(f" (restart {st.restart_count})")
-        reason = st.reason
-        if st.exit_code and st.is_terminal:
+        reason = outcome.reason
+        if st.exit_code and st.is_terminal and reason == st.reason:  # the scheduler's word
             reason = f"exit {st.exit_code}" + (f"; {reason}" if reason else "")
         # Text cells: a job name or reason is shown as it is, never read as rich markup.
         table.add_row(
@@ -228,13 +247,32 @@ def _print_table(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> Non
             Text(progress or "-"),
             Text(reason or "-"),
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for job_id, outcome in outcomes.items():
+        failure = outcome.failure
+        if failure is not None and failure.traceback:
+            console.print(
+                Text(f"job {job_id}: {failure.summary()}; the end of rank {failure.rank}'s "
+                     f"traceback (aimass logs {job_id} --rank {failure.rank}):", style="red")
+            )  # fmt: skip
+            console.print(Text("\n".join(f"  {line}" for line in failure.traceback)))
 
 
 def _status_json(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> str:
+    outcomes = _outcomes(statuses, runs)
     out = []
     for job_id, st in statuses.items():
         data = st.to_dict()
+        outcome = outcomes[job_id]
+        # "state" is what happened (FAILED where the run says it failed); the scheduler's own
+        # word stays in "scheduler_state".
+        data["scheduler_state"] = data["state"]
+        data["state"] = outcome.state
+        data["reason"] = outcome.reason
+        data["result_status"] = outcome.result_status
+        data["failure"] = outcome.failure.to_dict() if outcome.failure else None
+        data["ok"] = outcome.ok
         run = runs.get(job_id)
         data["run_dir"] = str(run.path) if run is not None else None
         if run is not None:
@@ -242,6 +280,11 @@ def _status_json(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> str
             data["progress"] = summarize(run.path)
         out.append(data)
     return json.dumps(out, indent=2)
+
+
+def _all_ok(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> bool:
+    """Every job ended COMPLETED and no run says otherwise (exit 0 of wait / --wait)."""
+    return all(job_outcome(st, runs.get(job_id)).ok for job_id, st in statuses.items())
 
 
 @click.command()
@@ -284,6 +327,10 @@ def status(jobs: tuple[str, ...], site_ref: str | None, last: int, as_json: bool
 def wait(jobs: tuple[str, ...], site_ref: str | None, timeout: float | None, as_json: bool) -> None:
     """Wait until the jobs end; exit 0 if all COMPLETED, 1 otherwise.
 
+    A job whose run says it failed (``result.json``) is FAILED whatever Slurm says; a failed
+    job's reason names its first failing rank, exit code and error
+    (``aimass logs JOB --rank N`` shows that rank's whole output).
+
     Exit 3 for an id no scheduler command knows, 5 when the scheduler cannot say what became
     of a job (it left the queue and the accounting lookup failed).
     """
@@ -296,7 +343,7 @@ def wait(jobs: tuple[str, ...], site_ref: str | None, timeout: float | None, as_
         click.echo(_status_json(final, runs))
     else:
         _print_table(final, runs)
-    sys.exit(0 if all(st.state is JobState.COMPLETED for st in final.values()) else 1)
+    sys.exit(0 if _all_ok(final, runs) else 1)
 
 
 @click.command()
@@ -306,10 +353,24 @@ def wait(jobs: tuple[str, ...], site_ref: str | None, timeout: float | None, as_
 @click.option("--restart", type=int, default=None, help="Log of this restart (default: latest).")
 @click.option("--task", type=int, default=None, help="Array task index.")
 @click.option("--batch", is_flag=True, help="Slurm's own output file (before the script's logs).")
+@click.option(
+    "--rank",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Only this rank's lines (training jobs label every line with its rank).",
+)
 def logs(
-    job: str, site_ref: str | None, follow: bool, restart: int | None, task: int | None, batch: bool
+    job: str,
+    site_ref: str | None,
+    follow: bool,
+    restart: int | None,
+    task: int | None,
+    batch: bool,
+    rank: int | None,
 ) -> None:
     """Print a job's log (one file per restart, in its run directory)."""
+    if rank is not None and batch:
+        raise InputError("--rank: Slurm's own output file (--batch) has no rank labels")
     site_obj = load_site(site_ref)
     run = find_run(job, site_obj.runs_root)
     if task is None and "_" in job:
@@ -327,15 +388,27 @@ def logs(
         if path is None:
             what = f"restart {restart}" if restart is not None else "any restart"
             raise NotFoundError(f"no log yet for job {job} ({what}) in {run.logs_dir}")
-        sys.stdout.write(path.read_text(encoding="utf-8", errors="replace"))
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if rank is not None:
+            lines = rank_lines(text, rank)
+            if not lines:
+                raise NotFoundError(f"job {job}: no lines from rank {rank} in {path}")
+            text = "".join(line + "\n" for line in lines)
+        sys.stdout.write(text)
         return
-    _follow(site_obj, run, job_id, current, restart is None and not batch)
+    _follow(site_obj, run, job_id, current, restart is None and not batch, rank)
 
 
-def _follow(site_obj: Site, run: RunDir, job_id: str | None, current, switch: bool) -> None:
-    """Print new output as it appears; move to a newer restart's log; stop when the job ends."""
+def _follow(
+    site_obj: Site, run: RunDir, job_id: str | None, current, switch: bool, rank: int | None = None
+) -> None:
+    """Print new output as it appears; move to a newer restart's log; stop when the job ends.
+
+    With ``rank``, only that rank's whole lines (a partial line waits for its end).
+    """
     scheduler = get_scheduler(site_obj)
     path, offset, last_poll, done = current(), 0, 0.0, False
+    pending = b""
     while True:
         if path is not None and path.exists():
             with open(path, "rb") as fh:
@@ -343,13 +416,17 @@ def _follow(site_obj: Site, run: RunDir, job_id: str | None, current, switch: bo
                 chunk = fh.read()
             if chunk:
                 offset += len(chunk)
+                if rank is not None:
+                    whole, _, pending = (pending + chunk).rpartition(b"\n")
+                    text = whole.decode("utf-8", errors="replace")
+                    chunk = "".join(line + "\n" for line in rank_lines(text, rank)).encode()
                 sys.stdout.write(chunk.decode("utf-8", errors="replace"))
                 sys.stdout.flush()
         if done:
             return
         newer = current() if switch or path is None else path
         if newer is not None and newer != path:
-            path, offset = newer, 0
+            path, offset, pending = newer, 0, b""
             continue
         if job_id is not None and time.monotonic() - last_poll > 3:
             last_poll = time.monotonic()

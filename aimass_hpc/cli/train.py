@@ -29,6 +29,14 @@ if TYPE_CHECKING:
     help="override the spec's / site's training backend",
 )
 @click.option("--time", "time_limit", help="override job.time (Slurm syntax)")
+@click.option(
+    "--sbatch-arg",
+    "sbatch_args",
+    multiple=True,
+    metavar="--OPT[=VALUE]",
+    help="extra #SBATCH option, e.g. --sbatch-arg=--exclusive (repeatable; options aimass "
+    "sets itself are refused)",
+)
 @click.option("--dry-run", is_flag=True, help="check and print the job script; queue nothing")
 @click.option("--wait", is_flag=True, help="wait until the job ends (restarts included)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
@@ -40,6 +48,7 @@ def train(
     tasks_per_node: int | None,
     backend: str | None,
     time_limit: str | None,
+    sbatch_args: tuple[str, ...],
     dry_run: bool,
     wait: bool,
     as_json: bool,
@@ -49,6 +58,7 @@ def train(
     Checks everything that can be checked on the login node first (task reference, backend,
     GPUs per node, Horovod installed); nothing is queued when a check fails.
     """
+    from aimass_hpc.config.job_spec import with_sbatch_extra
     from aimass_hpc.config.site import load_site
     from aimass_hpc.config.train_spec import load_train_spec, plan_training
     from aimass_hpc.launch.submit import submit
@@ -72,9 +82,10 @@ def train(
         from aimass_hpc.repo import ModelRepository
 
         ModelRepository(repository)
+    request = with_sbatch_extra(plan.request, sbatch_args, site, where="--sbatch-arg")
     sub = submit(
         site,
-        plan.request,
+        request,
         spec={"train": plan.config.to_dict()},
         files=plan.files(),
         dry_run=dry_run,
@@ -112,22 +123,40 @@ def train(
 
 def _wait(site: Any, job_id: str | None, run_dir: Path, console: Console) -> dict[str, Any]:
     """Wait for the job (through requeues), then report its result.json."""
+    from rich.text import Text
+
     from aimass_hpc.common.fsutil import read_json
+    from aimass_hpc.launch.failure_report import job_outcome
+    from aimass_hpc.launch.runs import RunDir
     from aimass_hpc.launch.scheduler import get_scheduler
 
     assert job_id is not None
     with console.status(f"waiting for job {job_id}"):
         final = get_scheduler(site).wait([job_id])[job_id]
-    out: dict[str, Any] = {"state": final.state.value, "restarts": final.restart_count}
+    # What happened, not only Slurm's word: a run whose result.json says failed is FAILED.
+    outcome = job_outcome(final, RunDir(run_dir))
+    RunDir(run_dir).record_outcome(outcome.to_dict())
+    out: dict[str, Any] = {
+        "state": outcome.state,
+        "scheduler_state": final.state.value,
+        "reason": outcome.reason,
+        "failure": outcome.failure.to_dict() if outcome.failure else None,
+        "restarts": final.restart_count,
+    }
     try:
         out["result"] = read_json(run_dir / "result.json")
     except FileNotFoundError:
         out["result"] = None
     if not console.stderr:
-        console.print(
-            f"job {job_id} ended {final.state.value} after {final.restart_count} restarts"
-        )
-        if out["result"]:
+        ended = f"job {job_id} ended {outcome.state} after {final.restart_count} restarts"
+        console.print(Text(ended + (f": {outcome.reason}" if outcome.reason else "")))
+        failure = outcome.failure
+        if failure is not None and failure.traceback:
+            console.print(
+                Text(f"rank {failure.rank} (aimass logs {job_id} --rank {failure.rank}):")
+            )
+            console.print(Text("\n".join(f"  {line}" for line in failure.traceback)))
+        if out["result"] and outcome.ok:
             res = out["result"]
             metrics = ", ".join(f"{k}={v:.4g}" for k, v in (res.get("metrics") or {}).items())
             console.print(f"final model {res.get('final_ref')}: {metrics}")

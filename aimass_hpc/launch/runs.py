@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aimass_hpc.common.errors import InputError, IntegrityError, NotFoundError
+from aimass_hpc.common.errors import AimassError, InputError, IntegrityError, NotFoundError
 from aimass_hpc.common.fsutil import (
     atomic_write_bytes,
     atomic_write_json,
@@ -308,6 +308,21 @@ class RunDir:
         if not isinstance(code, int) or isinstance(code, bool):
             return None
         return record
+
+    def record_outcome(self, outcome: dict[str, Any]) -> None:
+        """Record how the job ended (``state.json``'s ``outcome``, as ``aimass status`` showed
+        it: a COMPLETED job whose ``result.json`` says it failed is FAILED here too).
+
+        Written only when it changed, so that repeated status calls do not rewrite the file;
+        a run directory that cannot be written is left as it was (it is a record, not the
+        answer the user asked for).
+        """
+        try:
+            if self.read_state().get("outcome") == outcome:
+                return
+            self.update_state(outcome=outcome)
+        except (OSError, AimassError):
+            return
 
     def batch_logs(self) -> list[Path]:
         """Slurm's own output files (what the script printed before its exec redirect)."""

@@ -12,6 +12,7 @@ up by its run directory and adopted when found; otherwise the run's state says
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from typing import Any
 from aimass_hpc import __version__
 from aimass_hpc.common.errors import AimassError, InputError, SchedulerError
 from aimass_hpc.common.fsutil import read_user_text
+from aimass_hpc.common.names import shown
+from aimass_hpc.common.timelimit import TimeLimitError, parse_time
 from aimass_hpc.config.job_spec import (
     JobRequest,
     check_sbatch_extra,
@@ -90,6 +93,7 @@ def submit(
     resolved = request.resolve(site)
     scheduler = scheduler or get_scheduler(site)
     scheduler.check_request(resolved)
+    _warn_once(time_limit_warning(site, resolved))
     root = Path(runs_root) if runs_root is not None else site.runs_root
     if dry_run:
         run = RunDir.new_path(root, resolved.name)
@@ -186,6 +190,42 @@ def submit_script(
     env = {"AIMASS_RUN_DIR": str(run.path), "AIMASS_JOB_NAME": job_name, "AIMASS_SITE": site.ref()}
     job_id, note = _queue(scheduler, run, root, args, env)
     return Submission(run, job_id, text, note=note)
+
+
+# Seconds a job needs after it starts before it can act on the warning signal: the runtime
+# imports torch, joins the distributed world and takes a first step (tens of seconds on a
+# loaded node) and only then can it finish a step and checkpoint. One minute is a floor, not
+# an estimate for large models.
+STARTUP_MARGIN_SECONDS = 60
+
+_warned: set[str] = set()
+
+
+def time_limit_warning(site: Site, request: JobRequest) -> str | None:
+    """A one-line warning when a requeueable job's time limit is shorter than the site's
+    preemption grace plus :data:`STARTUP_MARGIN_SECONDS` (the warning signal would come too
+    early, or before the job could checkpoint); None when the limit is long enough."""
+    if not request.signal or request.time is None:
+        return None
+    try:
+        seconds = parse_time(request.time)
+    except TimeLimitError:
+        return None  # the request was validated; nothing to warn about here
+    grace = site.preemption.grace_seconds
+    if seconds is None or seconds >= grace + STARTUP_MARGIN_SECONDS:
+        return None
+    return (
+        f"job {shown(request.name)}: time limit {request.time} ({seconds} s) is shorter than the "
+        f"site's preemption.grace_seconds ({grace} s) plus {STARTUP_MARGIN_SECONDS} s to start "
+        "up: the job may be warned before it can checkpoint"
+    )
+
+
+def _warn_once(message: str | None) -> None:
+    """Say ``message`` on stderr once per process (a search submits many alike trials)."""
+    if message and message not in _warned:
+        _warned.add(message)
+        print(f"aimass: warning: {message}", file=sys.stderr)
 
 
 # Options a plain script's submitter may pass (they are what the script would otherwise say).

@@ -7,8 +7,16 @@
         y = c.predict(x)               # numpy in, numpy out
 
 A target is a model ref (``NAME``, ``NAME:VERSION``, ``NAME@ALIAS``), resolved through the
-endpoint records under ``runs_root`` (each replica's token is read from its run directory), or
+endpoint records under the runs root (each replica's token is read from its run directory), or
 one or more base URLs (``"http://h:p,http://h2:p2"``, with ``token=`` or $AIMASS_SERVE_TOKEN).
+The runs root is ``runs_root=``, else the ``filesystems.runs`` of ``site=`` (a site name or
+path, as ``--site`` takes), else ``$AIMASS_RUNS_ROOT``, else that of ``$AIMASS_SITE`` -- the
+site every ``aimass`` command uses when none is given.
+
+A batch larger than the replicas take in one request (their ``max_batch_size``, which the
+client reads once from ``GET /v1/models``) is split into requests of at most that many rows,
+and the outputs are joined in input order; a replica that still refuses a part with a smaller
+limit (a 413 naming it: another version mid-upgrade) makes the client split to that one.
 
 Requests go round robin over the replicas whose record says READY and whose ``/readyz``
 answered. A connection error or a 5xx moves the same request to the next replica (predictions
@@ -24,6 +32,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -41,7 +50,10 @@ from aimass_hpc.serve.codec import JSON_MEDIA_TYPE, NPY_MEDIA_TYPE, decode_npy, 
 from aimass_hpc.serve.endpoints import FINAL_STATES, EndpointRecord, EndpointState, find_records
 
 RUNS_ROOT_ENV = "AIMASS_RUNS_ROOT"
+SITE_ENV = "AIMASS_SITE"  # the same variable config.site reads (imported lazily: pydantic)
 PROBE_TIMEOUT_S = 2.0
+# The server's words for a batch over its limit (serve/codec.py ``check_batch``, a 413).
+_ROWS_LIMIT = re.compile(r"samples in one request, the limit is (?P<limit>[0-9]+)", re.ASCII)
 
 
 class RequestRejected(InputError):
@@ -115,6 +127,59 @@ def decode_response(resp: httpx.Response, endpoint: str) -> Prediction:
     return Prediction(outputs, model, version, endpoint)
 
 
+def resolve_runs_root(
+    runs_root: str | os.PathLike[str] | None, site: str | None = None
+) -> Path | None:
+    """Where endpoint records are looked for: ``runs_root``, else the runs root of ``site``,
+    else ``$AIMASS_RUNS_ROOT``, else that of ``$AIMASS_SITE``; None when nothing says."""
+    if runs_root is not None:
+        return Path(runs_root)
+    if site is None and os.environ.get(RUNS_ROOT_ENV):
+        return Path(os.environ[RUNS_ROOT_ENV])
+    if site is not None or os.environ.get(SITE_ENV):
+        from aimass_hpc.config.site import load_site
+
+        return load_site(site).runs_root  # load_site(None) reads $AIMASS_SITE
+    return None
+
+
+def _chunks(arr: np.ndarray, rows: int | None) -> list[np.ndarray]:
+    """``arr`` split along the batch axis into parts of at most ``rows`` rows (in order)."""
+    if rows is None or arr.ndim == 0 or arr.shape[0] <= rows:
+        return [arr]
+    return [arr[i : i + rows] for i in range(0, arr.shape[0], rows)]
+
+
+def _rows(arr: np.ndarray) -> int:
+    """Rows along the batch axis (1 for a scalar, which the server refuses anyway)."""
+    return int(arr.shape[0]) if arr.ndim else 1
+
+
+def _smaller_limit(exc: RequestRejected, rows: int) -> int | None:
+    """The row limit a 413 names, when it is below the ``rows`` that were sent."""
+    match = _ROWS_LIMIT.search(str(exc)) if exc.status == 413 else None
+    if match is None:
+        return None
+    limit = int(match.group("limit"))
+    return limit if 0 < limit < rows else None
+
+
+def _joined(parts: list[Prediction]) -> Prediction:
+    """One prediction from the parts' outputs in order (model and version of the first)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    outputs = np.concatenate([p.outputs for p in parts], axis=0)
+    return Prediction(outputs, first.model, first.version, parts[-1].endpoint)
+
+
+def _row_limit(models: list[dict[str, Any]]) -> int | None:
+    """The smallest ``max_batch_size`` a ``/v1/models`` answer names, None if none does."""
+    limits = [m.get("max_batch_size") for m in models if isinstance(m, dict)]
+    ints = [v for v in limits if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(ints) if ints else None
+
+
 def _detail(resp: httpx.Response) -> str:
     try:
         detail = resp.json().get("detail")
@@ -127,19 +192,25 @@ class _Pool:
     """The live replicas of a target, in round-robin order. Thread-safe."""
 
     def __init__(
-        self, target: str, runs_root: str | os.PathLike[str] | None, token: str | None
+        self,
+        target: str,
+        runs_root: str | os.PathLike[str] | None,
+        token: str | None,
+        site: str | None = None,
     ) -> None:
         self.target = target
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         self.static = target.startswith(("http://", "https://"))
-        root = runs_root if runs_root is not None else os.environ.get(RUNS_ROOT_ENV)
+        root = None
         if not self.static:
             Ref.parse(target, "target")  # a bad reference fails here, in one line
+            root = resolve_runs_root(runs_root, site)
             if root is None:
                 raise InputError(
-                    f"cannot resolve {target!r}: give runs_root= or set ${RUNS_ROOT_ENV}"
+                    f"cannot resolve {target!r}: give runs_root= or site=, or set "
+                    f"${RUNS_ROOT_ENV} or ${SITE_ENV}"
                 )
-        self.runs_root = Path(root) if root is not None else None
+        self.runs_root = root
         self.live: list[Endpoint] = []
         self.bad: set[str] = set()
         self.refreshed = 0.0
@@ -212,9 +283,12 @@ class _Base:
         retry_timeout: float = 30.0,
         refresh_interval: float = 2.0,
         binary_threshold: int = 64 * 1024,
+        site: str | None = None,
     ) -> None:
         self.target = target
-        self._pool = _Pool(target, runs_root, token)
+        self._pool = _Pool(target, runs_root, token, site)
+        self.max_rows: int | None = None  # rows per request, once the replicas said (split)
+        self._limit_known = False
         self.timeout = timeout
         self.retry_timeout = retry_timeout
         self.refresh_interval = refresh_interval
@@ -301,8 +375,30 @@ class Client(_Base):
             self.refresh()
 
     def predict_full(self, inputs: Any, *, binary: bool | None = None) -> Prediction:
-        """Predict and say which version and replica answered."""
-        body, headers = encode_request(inputs, binary=binary, threshold=self.binary_threshold)
+        """Predict and say which version and replica answered.
+
+        A batch over the replicas' row limit goes as several requests, joined in order.
+        """
+        arr = _as_array(inputs)
+        if not self._limit_known:
+            self._limit_known = True
+            self.max_rows = _row_limit(self.models())
+        parts: list[Prediction] = []
+        pending = _chunks(arr, self.max_rows)
+        while pending:
+            part = pending.pop(0)
+            try:
+                parts.append(self._predict_one(part, binary))
+            except RequestRejected as exc:
+                limit = _smaller_limit(exc, _rows(part))
+                if limit is None:
+                    raise
+                self.max_rows = limit
+                pending[:0] = _chunks(part, limit)
+        return _joined(parts)
+
+    def _predict_one(self, arr: np.ndarray, binary: bool | None) -> Prediction:
+        body, headers = encode_request(arr, binary=binary, threshold=self.binary_threshold)
         resp, ep = self._request("POST", "/v1/predict", content=body, headers=headers)
         return decode_response(resp, ep.url)
 
@@ -392,8 +488,34 @@ class AsyncClient(_Base):
             await self.refresh()
 
     async def predict_full(self, inputs: Any, *, binary: bool | None = None) -> Prediction:
-        """Predict and say which version and replica answered."""
-        body, headers = encode_request(inputs, binary=binary, threshold=self.binary_threshold)
+        """Predict and say which version and replica answered.
+
+        A batch over the replicas' row limit goes as several concurrent requests, joined in
+        order.
+        """
+        arr = _as_array(inputs)
+        if not self._limit_known:
+            self._limit_known = True
+            self.max_rows = _row_limit(await self.models())
+        parts = await asyncio.gather(
+            *(self._predict_part(part, binary) for part in _chunks(arr, self.max_rows))
+        )
+        return _joined(list(parts))
+
+    async def _predict_part(self, arr: np.ndarray, binary: bool | None) -> Prediction:
+        """One part; split again when a replica names a smaller row limit (a 413)."""
+        try:
+            return await self._predict_one(arr, binary)
+        except RequestRejected as exc:
+            limit = _smaller_limit(exc, _rows(arr))
+            if limit is None:
+                raise
+            self.max_rows = limit
+            parts = [await self._predict_one(part, binary) for part in _chunks(arr, limit)]
+            return _joined(parts)
+
+    async def _predict_one(self, arr: np.ndarray, binary: bool | None) -> Prediction:
+        body, headers = encode_request(arr, binary=binary, threshold=self.binary_threshold)
         resp, ep = await self._request("POST", "/v1/predict", content=body, headers=headers)
         return decode_response(resp, ep.url)
 
