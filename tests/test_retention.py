@@ -15,6 +15,7 @@ from torch import nn
 
 from aimass_hpc.repo import ModelRepository
 from aimass_hpc.repo import repository as repository_module
+from aimass_hpc.runtime.api import make_store
 from aimass_hpc.runtime.checkpoint import (
     INDEX_FILE,
     MemoryStore,
@@ -90,9 +91,12 @@ def test_never_deletes_aliased_versions_or_other_runs(tmp_path: Path) -> None:
 def test_keep_comes_from_the_run_config(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    (run / "train.json").write_text(json.dumps(RunConfig(keep_checkpoints=3).to_dict()))
-    store = RepositoryStore(tmp_path / "repo", "m", run)
-    assert store.keep == 3
+    config = RunConfig(
+        run_dir=str(run), repository=str(tmp_path / "repo"), model_name="m", keep_checkpoints=3
+    )
+    store = make_store(config)
+    assert isinstance(store, RepositoryStore) and store.keep == 3
+    assert RepositoryStore(tmp_path / "repo", "m", run).keep is None  # no limit given
     assert RepositoryStore(tmp_path / "repo", "m", run, keep=1).keep == 1
     assert RepositoryStore(tmp_path / "repo", "m", None).keep is None
     with pytest.raises(ValueError, match="keep_checkpoints must be a positive integer"):

@@ -3,8 +3,9 @@
 Public API (imported lazily, so ``import aimass_hpc.runtime`` costs nothing and
 ``python -m aimass_hpc.runtime`` can install its signal handler before torch loads):
 
-- :func:`init` -> :class:`Job` for user scripts: rank/world, ``wrap``, ``restore``,
-  ``save_checkpoint``, ``should_stop``, ``exit_for_requeue``, ``log_metrics``, ``finish``.
+- :func:`init` -> :class:`Job` for user scripts (docs/script-mode.md): rank/world, ``wrap``,
+  ``restore``, ``sampler``, ``save_checkpoint``, ``should_stop``, ``exit_for_requeue``,
+  ``log_metrics``, ``log_params``, ``barrier``, ``finish`` (with a serving recipe).
 - :class:`TrainTask` what a task function returns; :class:`Trainer` the built-in trainer;
   :class:`TrainParams` / :class:`RunConfig` its configuration.
 - :class:`WorldInfo` rank and world from SLURM_* / Open MPI / torchrun variables.

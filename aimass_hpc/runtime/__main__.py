@@ -58,7 +58,7 @@ def serving_recipe(config: RunConfig, own: dict[str, object] | None) -> dict[str
 def cmd_train(config: RunConfig) -> int:
     """Run the built-in trainer for ``config``; requeue on a warning signal."""
     from aimass_hpc.runtime import rng
-    from aimass_hpc.runtime.api import handle_stop, init, lineage, write_result
+    from aimass_hpc.runtime.api import handle_stop, init, lineage, stop_verdict, write_result
     from aimass_hpc.runtime.task import load_task
     from aimass_hpc.runtime.trainer import Trainer
 
@@ -92,31 +92,31 @@ def cmd_train(config: RunConfig) -> int:
             world=_world_summary(job),
         )
         print(f"aimass: training complete at step {result.step}: {result.final_ref}")
-    outcome = None
+    code = 0
     if result.status != "completed":
         outcome = handle_stop(job, result.stop_code)
+        verdict: tuple[str, str, int] | None = None
         if job.is_main:
+            assert outcome is not None
+            verdict = stop_verdict(result.stop_code, outcome, result.step, result.total_steps)
             write_result(
                 job.run_dir,
-                "requeued" if outcome and outcome.requeued else "stopped",
+                verdict[0],
                 job.world,
                 result.metrics,
                 None,
+                reason=verdict[1],
                 step=result.step,
                 total_steps=result.total_steps,
                 checkpoint_ref=result.checkpoint_ref,
             )
-    job.metrics.flush()
-    # Everyone learns whether rank 0's requeue worked: a warning that could not be acted on
-    # ends the job as failed (not COMPLETED with training unfinished).
-    code = 0
-    if result.status != "completed" and result.stop_code == preempt.STOP_WARN:
-        requeued = outcome.requeued if job.is_main and outcome else False
+        # Everyone learns whether rank 0's requeue worked: a warning that could not be acted
+        # on ends the job as failed (exit 3), not COMPLETED with training unfinished.
         if job.world_size > 1:
-            requeued = bool(job.backend.broadcast_object(requeued))
-        code = 0 if requeued else 3
-    job.backend.barrier()
-    job.backend.shutdown()
+            verdict = job.backend.broadcast_object(verdict)
+        assert verdict is not None
+        code = verdict[2]
+    job.close()
     return code
 
 
@@ -136,7 +136,11 @@ def _world_summary(job: Job) -> dict[str, object]:
 
 
 def cmd_run(config: RunConfig, script: str, args: list[str]) -> int:
-    """Run a user script on this rank with the handler already installed."""
+    """Run a user script on this rank with the handler already installed.
+
+    A script that called ``runtime.init()`` leaves the process group collectively when it
+    returns (or calls ``sys.exit(0)``); one that raises exits with status 1 at once.
+    """
     if config.run_dir:
         os.environ.setdefault("AIMASS_RUN_DIR", config.run_dir)
     for entry in reversed(config.pythonpath):
@@ -144,7 +148,16 @@ def cmd_run(config: RunConfig, script: str, args: list[str]) -> int:
             sys.path.insert(0, entry)
     sys.path.insert(0, str(Path(script).resolve().parent))
     sys.argv = [script, *args]
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise  # a failing rank leaves at once; srun stops the others
+    # This entry point ends with os._exit (no atexit hooks): leave the process group here,
+    # together, so no rank exits while another still talks to it.
+    api = sys.modules.get("aimass_hpc.runtime.api")
+    if api is not None:
+        api.finalize()
     return 0
 
 

@@ -27,7 +27,6 @@ from typing import Any
 from aimass_hpc.common import fsutil
 
 INDEX_FILE = "checkpoints.jsonl"
-CONFIG_FILE = "train.json"  # = aimass_hpc.runtime.config.CONFIG_FILE (no import cycle here)
 
 
 @dataclass
@@ -169,8 +168,6 @@ class RepositoryStore(CheckpointStore):
         run_dir: str | Path | None,
         keep: int | None = None,
     ):
-        if keep is None and run_dir is not None:
-            keep = _configured_keep(Path(run_dir))
         super().__init__(run_dir, keep)
         self.repository = Path(repository)
         self.model_name = model_name
@@ -248,14 +245,3 @@ class MemoryStore(CheckpointStore):
         state = copy.deepcopy(self.saved[ref][0])
         state.ref = ref
         return state
-
-
-def _configured_keep(run_dir: Path) -> int | None:
-    """``keep_checkpoints`` of the run config in ``run_dir`` (None if absent or unreadable)."""
-    try:
-        value = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")).get(
-            "keep_checkpoints"
-        )
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None

@@ -117,6 +117,10 @@ class RequeueTarget:
         )
 
 
+# Reason prefix of a requeue refused because there is no Slurm job to requeue.
+NOT_IN_SLURM = "not inside a Slurm job"
+
+
 @dataclass(frozen=True)
 class RequeueOutcome:
     """What :func:`requeue` did: ``requeued`` true only if scontrol accepted it."""
@@ -137,10 +141,10 @@ def requeue(
     Retries briefly: the controller can be busy exactly when many jobs get their warning.
     """
     if target.job_id is None:
-        return RequeueOutcome(False, "not inside a Slurm job (no SLURM_JOB_ID)")
+        return RequeueOutcome(False, f"{NOT_IN_SLURM} (no SLURM_JOB_ID)")
     if target.restart_count >= max_restarts:
         return RequeueOutcome(
-            False, f"restart limit reached ({target.restart_count} of {max_restarts})"
+            False, f"restart limit reached, {target.restart_count} of {max_restarts}"
         )
     last = ""
     for attempt in range(attempts):
