@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS := train,serve,search,mpi,dev
+EXTRAS := train,serve,search,mpi,export,dashboard,dev
 PYTEST_ARGS ?=
 
 .PHONY: setup system venv horovod cluster demo test lint bench clean

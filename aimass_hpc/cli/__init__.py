@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "endpoints": ("aimass_hpc.cli.serve", "endpoints"),
     "bench": ("aimass_hpc.cli.serve", "bench"),
     "reserve": ("aimass_hpc.cli.reserve", "reserve"),
+    "dashboard": ("aimass_hpc.cli.dashboard", "dashboard"),
 }
 
 

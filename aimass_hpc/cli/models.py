@@ -15,7 +15,7 @@ from rich.table import Table
 
 from aimass_hpc.cli._options import site_option
 from aimass_hpc.common.errors import InputError, IntegrityError, NotFoundError
-from aimass_hpc.common.units import parse_count, parse_memory_bytes
+from aimass_hpc.common.units import parse_range
 from aimass_hpc.repo.metadata import MODEL_TYPES
 
 
@@ -62,27 +62,6 @@ def _console() -> Console:
 
 def _emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
-def _metric_value(text: str, what: str) -> float:
-    return parse_count(text, what, signed=True)
-
-
-def parse_range(
-    text: str, what: str, parse: Callable[[str, str], float] = _metric_value
-) -> tuple[float | None, float | None]:
-    """``LO..HI`` or ``LO:HI`` with either end optional (``0.9..``, ``..8GiB``, ``:5G``); a
-    single value is exact. Both ends are inclusive.
-
-    ``parse`` reads one end: a memory size (binary units), a count (decimal) or, by default,
-    a metric value (a count that may be negative).
-    """
-    sep = ".." if ".." in text else ":" if ":" in text else None
-    if sep is None:
-        v = parse(text, what)
-        return (v, v)
-    lo, _, hi = text.partition(sep)
-    return (parse(lo, what) if lo else None, parse(hi, what) if hi else None)
 
 
 def _human_bytes(n: float | None) -> str:
@@ -399,8 +378,8 @@ def search(
         if not sep or not key:
             raise InputError(f"invalid --metric {item!r}: expected NAME=LO:HI, e.g. acc=0.9:")
         ranges[key] = parse_range(rng, f"range for metric {key}")
-    flops_range = parse_range(flops, "--flops", parse_count) if flops else None
-    memory_range = parse_range(memory, "--memory", parse_memory_bytes) if memory else None
+    flops_range = parse_range(flops, "--flops", "count") if flops else None
+    memory_range = parse_range(memory, "--memory", "memory") if memory else None
     repo = ctx.open()
     found = repo.search(
         name,
@@ -569,25 +548,187 @@ def verify(ctx: _Ctx, refs: tuple[str, ...], all_versions: bool, as_json: bool) 
 
 @models.command("export")
 @click.argument("ref")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["safetensors", "torch", "hdf5"]),
+    type=click.Choice(["safetensors", "torch", "hdf5", "onnx"]),
     default="safetensors",
     show_default=True,
+    help="onnx: the rebuilt module via torch.onnx, checked with onnxruntime (see --tolerance).",
 )
 @click.option(
     "--compression", type=click.Choice(["gzip", "lzf"]), help="For --format hdf5 (archives)."
 )
+@click.option(
+    "--dtype",
+    metavar="bf16|fp16",
+    help="Cast floating tensors to bf16 or fp16 (others kept); needs the model's recipe.",
+)
+@click.option(
+    "--quantize",
+    metavar="int8|int8-weight-only",
+    help="Quantize linear layers with torchao: int8 = int8 weights and dynamic int8 "
+    "activations, int8-weight-only = weights only; needs the model's recipe.",
+)
+@click.option(
+    "--store",
+    "store_as",
+    metavar="NAME",
+    help="Store the --dtype/--quantize result as a new version of NAME (may be REF's own "
+    "model), with its parent, settings, size and accuracy delta. PATH is then optional.",
+)
+@click.option(
+    "--samples",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Random input batches (from the recipe's input_shape) the accuracy delta is measured on.",
+)
+@click.option(
+    "--tolerance",
+    default=1e-4,
+    show_default=True,
+    type=float,
+    help="--format onnx: the largest absolute difference from torch's outputs accepted; "
+    "beyond it nothing is written (exit 1).",
+)
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 @pass_ctx
-def export(ctx: _Ctx, ref: str, path: str, fmt: str, compression: str | None, force: bool) -> None:
-    """Write REF to PATH as safetensors, a torch.save file, or an HDF5 archive."""
+def export(
+    ctx: _Ctx,
+    ref: str,
+    path: str | None,
+    fmt: str,
+    compression: str | None,
+    dtype: str | None,
+    quantize: str | None,
+    store_as: str | None,
+    samples: int,
+    tolerance: float,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Write REF to PATH as safetensors, a torch.save file, an HDF5 archive or ONNX.
+
+    --dtype/--quantize compress it first (rebuilt from its recipe) and print the size and the
+    max/mean absolute output difference from the original on random inputs; --store keeps
+    the result in the repository as a new version. Examples:
+
+    \b
+    aimass models export net:3 net-bf16.safetensors --dtype bf16
+    aimass models export net:3 --quantize int8 --store net
+    aimass models export net:3 net.onnx --format onnx --tolerance 1e-5
+    """
+    if dtype is not None and quantize is not None:
+        raise InputError("give --dtype or --quantize, not both")
+    compressing = dtype is not None or quantize is not None
+    if fmt == "onnx" and (compressing or store_as):
+        raise InputError(
+            "--format onnx exports the original float32 model; --dtype, --quantize and "
+            "--store apply to the repository formats (safetensors, torch, hdf5)"
+        )
+    if store_as is not None and not compressing:
+        raise InputError("--store keeps a compressed copy: give --dtype or --quantize")
+    if path is None and store_as is None:
+        raise InputError("give PATH to write, or --store NAME to keep the result in the repository")
+    if not compressing and fmt != "onnx":
+        repo = ctx.open()
+        v = repo.get(ref)
+        out = repo.export(v.ref, path, fmt, compression=compression, overwrite=force)
+        if as_json:
+            _emit_json({"source": v.ref, "format": fmt, "path": str(out)})
+        else:
+            click.echo(f"exported {v.ref} to {out} ({fmt})")
+        return
+    _export_compressed(
+        ctx,
+        ref,
+        path,
+        fmt,
+        compression,
+        dtype,
+        quantize,
+        store_as,
+        samples,
+        tolerance,
+        force,
+        as_json,
+    )
+
+
+def _export_compressed(
+    ctx: _Ctx,
+    ref: str,
+    path: str | None,
+    fmt: str,
+    compression: str | None,
+    dtype: str | None,
+    quantize: str | None,
+    store_as: str | None,
+    samples: int,
+    tolerance: float,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """--dtype, --quantize, --format onnx: the work is in aimass_hpc.repo.compress."""
+    from pathlib import Path
+
+    from aimass_hpc.repo import compress, portable
+
+    if dtype is not None:
+        compress.parse_dtype(dtype)  # a bad value is refused before anything loads
+    if quantize is not None:
+        compress.parse_scheme(quantize)
+    if store_as is not None:
+        from aimass_hpc.repo.refs import check_name
+
+        check_name(store_as)
     repo = ctx.open()
-    v = repo.get(ref)
-    out = repo.export(v.ref, path, fmt, compression=compression, overwrite=force)
-    click.echo(f"exported {v.ref} to {out} ({fmt})")
+    ckpt = repo.load(ref, mmap=True, verify=True)
+    v = ckpt.version
+    if fmt == "onnx":
+        assert path is not None
+        onnx = compress.export_onnx(
+            ckpt, Path(path), tolerance=tolerance, samples=samples, overwrite=force
+        )
+        if as_json:
+            _emit_json(onnx.report())
+            return
+        click.echo(
+            f"exported {v.ref} to {onnx.path} (onnx, {_human_bytes(onnx.size_bytes)}): "
+            f"onnxruntime matches torch within {tolerance:g}, max abs diff "
+            f"{onnx.max_abs_diff:.3g}, mean {onnx.mean_abs_diff:.3g} on {samples} random "
+            f"batch(es)"
+        )
+        return
+    result = compress.compress(ckpt, dtype=dtype, quantize=quantize, samples=samples)
+    report = result.report()
+    what = result.settings.get("dtype") or result.settings.get("quantize")
+    lines = []
+    if path is not None:
+        out = portable.export(
+            compress.as_checkpoint(result, v), Path(path), fmt, compression, force
+        )
+        report["path"] = str(out)
+        lines.append(f"exported {v.ref} to {out} ({fmt}, {what})")
+    if store_as is not None:
+        stored = compress.store(repo, result, v, store_as)
+        report["stored"] = stored.ref
+        lines.append(f"stored {what} of {v.ref} as {stored.ref}")
+    if as_json:
+        _emit_json(report)
+        return
+    for line in lines:
+        click.echo(line)
+    share = result.size_bytes / result.source_size_bytes if result.source_size_bytes else 0
+    click.echo(
+        f"size {_human_bytes(result.size_bytes)} ({share:.0%} of "
+        f"{_human_bytes(result.source_size_bytes)}); output vs original: max abs diff "
+        f"{result.delta['max_abs']:.3g}, mean {result.delta['mean_abs']:.3g} on {samples} "
+        f"random batch(es)"
+    )
 
 
 @models.command("import")

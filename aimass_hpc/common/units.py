@@ -99,3 +99,25 @@ def parse_count(text: str, option: str, *, signed: bool = False) -> float:
     if not math.isfinite(value):
         raise InputError(f"invalid {option} {_shown(text)}: too large")
     return -value if m.group("sign") == "-" else value
+
+
+Range = tuple[float | None, float | None]
+
+
+def parse_range(text: str, what: str, unit: str = "metric") -> Range:
+    """``LO..HI`` or ``LO:HI`` with either end optional (``0.9..``, ``..8GiB``, ``:5G``); a
+    single value is exact; both ends inclusive. ``unit`` says how an end reads: "count"
+    (decimal, ``5G`` = 5e9), "memory" (binary, as Slurm: ``8G`` = 8 GiB) or "metric" (a count
+    that may be negative)."""
+
+    def one(part: str) -> float:
+        if unit == "memory":
+            return float(parse_memory_bytes(part, what))
+        return parse_count(part, what, signed=unit == "metric")
+
+    sep = ".." if ".." in text else ":" if ":" in text else None
+    if sep is None:
+        value = one(text)
+        return (value, value)
+    lo, _, hi = text.partition(sep)
+    return (one(lo) if lo else None, one(hi) if hi else None)
