@@ -50,6 +50,7 @@ def serve() -> None:
     aimass serve NAME@ALIAS|NAME:VERSION [options]   start a service (= serve start)
     aimass serve upgrade NAME@ALIAS                  blue/green switch to the alias's target
     aimass serve stop NAME@ALIAS|RUN_DIR             drain and stop every replica
+    aimass serve status NAME|RUN_DIR                 desired vs actual replicas, decisions
     """
 
 
@@ -105,6 +106,55 @@ def serve() -> None:
     help="Before the time limit, start a replacement and drain once it is READY; "
     "--no-handover: let replicas end at the time limit.",
 )
+@click.option(
+    "--supervise/--no-supervise",
+    default=False,
+    show_default=True,
+    help="Start a supervisor job (1 CPU) that health-checks the replicas and replaces one "
+    "that died, hung or fails its checks.",
+)
+@click.option(
+    "--check-interval",
+    type=click.FloatRange(min=0.2),
+    default=None,
+    help="With --supervise: seconds between health checks "
+    f"(default {DEFAULTS.check_interval_s:g}).",
+)
+@click.option(
+    "--check-failures",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --supervise: failed checks in a row before a replica is replaced "
+    f"(default {DEFAULTS.check_failures}).",
+)
+@click.option(
+    "--min-replicas",
+    type=click.IntRange(min=1),
+    help="Autoscale (implies --supervise) between --min-replicas and --max-replicas on "
+    "ongoing requests per replica.",
+)
+@click.option("--max-replicas", type=click.IntRange(min=1), help="Autoscale: the most replicas.")
+@click.option(
+    "--target-ongoing",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULTS.autoscale_target_ongoing,
+    show_default=True,
+    help="Autoscale: ongoing requests per replica to aim at (Ray Serve's default).",
+)
+@click.option(
+    "--upscale-delay",
+    type=click.FloatRange(min=0),
+    default=DEFAULTS.upscale_delay_s,
+    show_default=True,
+    help="Autoscale: seconds the need must last before replicas are added.",
+)
+@click.option(
+    "--downscale-delay",
+    type=click.FloatRange(min=0),
+    default=DEFAULTS.downscale_delay_s,
+    show_default=True,
+    help="Autoscale: seconds the slack must last before replicas are taken away.",
+)
 @click.option("--wait/--no-wait", "wait_", default=False, help="Wait until every replica is READY.")
 @click.option(
     "--timeout",
@@ -130,6 +180,14 @@ def start(
     max_wait_ms: float,
     batching: bool,
     handover: bool,
+    supervise: bool,
+    check_interval: float | None,
+    check_failures: int | None,
+    min_replicas: int | None,
+    max_replicas: int | None,
+    target_ongoing: float,
+    upscale_delay: float,
+    downscale_delay: float,
     wait_: bool,
     timeout: float,
     dry_run: bool,
@@ -137,17 +195,33 @@ def start(
 ) -> None:
     """Start REF as a service: one job-array task per replica, each serving HTTP."""
     from aimass_hpc.config.site import load_site
-    from aimass_hpc.launch.serving import ServeOptions, start_service
+    from aimass_hpc.launch.serving import Autoscale, ServeOptions, start_service
 
     site = load_site(site_ref)
     opts = ServeOptions(
         ref=ref, replicas=replicas, gpus=gpus, cpus=cpus, time=time_limit,
         reservation=reservation, partition=partition, port=port, repo=repo,
         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batching=batching,
-        handover=handover,
+        handover=handover, supervise=supervise,
     )  # fmt: skip
+    if check_interval is not None:
+        opts.check_interval_s = check_interval
+    if check_failures is not None:
+        opts.check_failures = check_failures
+    if min_replicas is not None or max_replicas is not None:
+        lo = min_replicas or 1
+        opts.autoscale = Autoscale(
+            min_replicas=lo, max_replicas=max_replicas or max(lo, replicas),
+            target_ongoing=target_ongoing, upscale_delay_s=upscale_delay,
+            downscale_delay_s=downscale_delay,
+        )  # fmt: skip
     sub = start_service(site, opts, dry_run=dry_run)
+    replicas = opts.replicas  # autoscaling starts within [min, max]
     summary: dict[str, Any] = {**sub.to_dict(), "model": ref, "replicas": replicas}
+    if opts.supervise and not dry_run:
+        from aimass_hpc.launch.serving import read_supervisor
+
+        summary["supervisor_job_id"] = (read_supervisor(sub.run_dir.path) or {}).get("job_id")
     if dry_run:
         echo_dry_run(summary, sub.script, as_json)
         return
@@ -156,6 +230,7 @@ def start(
     console.print(
         f"[bold]submitted[/] service {ref}: job {sub.job_id}, {replicas} replica(s)\n"
         f"run dir {sub.run_dir.path}"
+        + (f"\nsupervisor job {summary['supervisor_job_id']}" if opts.supervise else "")
     )
     if wait_:
         ready = _wait_with_progress(site, sub.run_dir.path, replicas, timeout, console)
@@ -237,7 +312,7 @@ def stop(target: str, site_ref: str | None, wait_: bool, as_json: bool) -> None:
 
     from aimass_hpc.common.errors import NotFoundError
     from aimass_hpc.config.site import load_site
-    from aimass_hpc.launch.serving import list_endpoints, reconcile, stop_records, wait_stopped
+    from aimass_hpc.launch.serving import list_endpoints, reconcile, stop_service
     from aimass_hpc.serve.endpoints import read_records
 
     site = load_site(site_ref)
@@ -248,10 +323,12 @@ def stop(target: str, site_ref: str | None, wait_: bool, as_json: bool) -> None:
         records = list_endpoints(site, target)
     if not records:
         raise NotFoundError(f"no running replica of {target!r} under {site.runs_root}")
-    ids = stop_records(site, records)
+    # The supervisor first, then the replicas, then any job a handover queued meanwhile.
     if wait_:
         with Console(stderr=True).status("draining"):
-            wait_stopped(records)
+            ids = stop_service(site, records, wait=True)
+    else:
+        ids = stop_service(site, records, wait=False)
     if as_json:
         click.echo(json.dumps({"cancelled": ids}))
     else:
@@ -259,6 +336,58 @@ def stop(target: str, site_ref: str | None, wait_: bool, as_json: bool) -> None:
 
 
 _FINAL = {"STOPPED", "FAILED"}
+
+
+@serve.command("status")
+@click.argument("target", metavar="NAME|NAME@ALIAS|RUN_DIR")
+@site_option
+@click.option(
+    "--decisions",
+    "last",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="How many of the supervisor's last decisions to show.",
+)
+@json_option
+def status_cmd(target: str, site_ref: str | None, last: int, as_json: bool) -> None:
+    """Desired vs actual replicas of a service, its supervisor and its last decisions."""
+    from aimass_hpc.config.site import load_site
+    from aimass_hpc.launch.serving import service_run_dirs, service_status
+
+    site = load_site(site_ref)
+    docs = [service_status(site, d, decisions=last) for d in service_run_dirs(site, target)]
+    if as_json:
+        click.echo(json.dumps(docs, indent=2, default=str))
+        return
+    console = Console()
+    for doc in docs:
+        sup = doc["supervisor"]
+        console.print(
+            f"[bold]{doc['model']}[/] {doc['run_dir']}\n"
+            f"  desired: {doc['desired_replicas']} replica(s), {doc['desired_state']}"
+            f"{' (stopping)' if doc['stopping'] else ''}\n"
+            f"  actual:  {doc['ready_replicas']} READY, {doc['coming_replicas']} coming "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(doc['states'].items())) or '-'})\n"
+            "  supervisor: "
+            + (
+                f"job {sup.get('job_id')} {sup.get('state') or '?'}, heartbeat "
+                f"{str(sup.get('heartbeat') or '-')[:19]}, replaced {sup.get('replaced', 0)}"
+                if sup
+                else "none (start with --supervise)"
+            )
+        )
+        if doc["decisions"]:
+            table = Table(title="last decisions")
+            for col in ("at", "action", "replica", "job", "why"):
+                table.add_column(col)
+            for d in doc["decisions"]:
+                table.add_row(
+                    str(d.get("at", ""))[:19], str(d.get("action", "")),
+                    str(d.get("replica", "-")),
+                    str(d.get("new_job_id") or d.get("job_id") or "-"), str(d.get("why", "")),
+                )  # fmt: skip
+            console.print(table)
 
 
 @click.command()
@@ -287,7 +416,8 @@ def endpoints(
         click.echo(f"no {'' if show_all else 'live '}endpoints under {site.runs_root}")
         return
     table = Table(title=f"endpoints under {site.runs_root}")
-    for col in ("model", "version", "replica", "state", "health", "url", "job", "node", "started"):
+    cols = ("model", "version", "replica", "state", "health", "url", "job", "node", "started")
+    for col in (*cols, "history"):
         table.add_column(col)
     for row in rows:
         style = _STATE_STYLE.get(row["state"], "")
@@ -295,8 +425,17 @@ def endpoints(
             row["model_ref"], str(row["version"] or "-"), str(row["replica"]),
             f"[{style}]{row['state']}[/]" if style else row["state"], row["health"],
             row["url"] or "-", row["job_id"], row["node"] or "-", row["started"][:19],
+            _history_cell(row.get("history") or []),
         )  # fmt: skip
     Console().print(table)
+
+
+def _history_cell(history: list[dict[str, Any]], last: int = 4) -> str:
+    """The last state changes, oldest first, the newest with its reason (``--json``: all)."""
+    states = [str(h.get("state", "?")) for h in history[-last:]]
+    text = ">".join(states) or "-"
+    why = history[-1].get("why") if history else None
+    return f"{text} ({why})" if why else text
 
 
 @click.command()

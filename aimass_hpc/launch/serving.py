@@ -13,20 +13,25 @@ that ended without saying so), and drives upgrades:
 
 Clients (:class:`aimass_hpc.serve.Client`) follow the records, so none of their requests fail.
 ``aimass models rollback`` + ``upgrade`` goes back the same way.
+
+A service started with ``supervise`` (or autoscaling) also gets a supervisor job
+(:mod:`aimass_hpc.launch.service_supervisor`) that converges the run directory to its
+``desired.json``; ``stop`` stops it first (and marks the run directory ``serve.stop``, which a
+replica's handover honours), then the replicas, then any job still queued from the run dir.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError, SchedulerError
-from aimass_hpc.common.fsutil import read_json
+from aimass_hpc.common.fsutil import append_line, atomic_write_json, atomic_write_text, read_json
 from aimass_hpc.common.names import SLURM_NAME, check_tree
 from aimass_hpc.config.job_spec import JobRequest, request_from_mapping
 from aimass_hpc.config.site import Site
@@ -37,15 +42,50 @@ from aimass_hpc.serve.auth import ensure_token, token_path
 from aimass_hpc.serve.defaults import DEFAULTS
 from aimass_hpc.serve.endpoints import (
     FINAL_STATES,
+    STOP_MARKER,
     EndpointRecord,
     EndpointState,
     find_records,
+    now_iso,
     read_records,
     write_record,
 )
 
+# A supervised service's files in its run directory (see launch/service_supervisor.py).
+DESIRED_FILE = "desired.json"  # what the supervisor converges to (written atomically)
+DECISIONS_FILE = "decisions.jsonl"  # the supervisor's decisions, append-only
+SUPERVISOR_FILE = "supervisor.json"  # the supervisor's job id and heartbeat
+SUPERVISOR_RUNS = "supervisor"  # run directories of the supervisor's own jobs
+
+CHECK_INTERVAL_S = DEFAULTS.check_interval_s  # the supervisor's seconds between rounds
+CHECK_FAILURES = DEFAULTS.check_failures  # failed checks in a row before a replacement
+
 # Scheduler states that mean the job is over but ended badly.
 _BAD_ENDS = {"FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "TIMEOUT"}
+
+
+@dataclass
+class Autoscale:
+    """Scale a supervised service on ongoing requests per replica (Ray Serve's defaults)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing: float = DEFAULTS.autoscale_target_ongoing  # ongoing requests per replica
+    upscale_delay_s: float = DEFAULTS.upscale_delay_s  # the need lasts this long: add replicas
+    downscale_delay_s: float = DEFAULTS.downscale_delay_s  # the slack lasts this long: remove
+
+    def check(self) -> None:
+        """InputError naming the option that makes no sense."""
+        if self.min_replicas < 1:
+            raise InputError("--min-replicas: must be at least 1")
+        if self.max_replicas < self.min_replicas:
+            raise InputError(
+                f"--max-replicas {self.max_replicas}: below --min-replicas {self.min_replicas}"
+            )
+        if self.target_ongoing <= 0:
+            raise InputError("--target-ongoing: must be above 0")
+        if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
+            raise InputError("--upscale-delay/--downscale-delay: must not be negative")
 
 
 @dataclass
@@ -68,6 +108,10 @@ class ServeOptions:
     handover: bool = DEFAULTS.handover
     mem: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # more `serve` options, passed as-is
+    supervise: bool = False  # start a supervisor job beside the replicas
+    check_interval_s: float = CHECK_INTERVAL_S  # the supervisor's seconds between checks
+    check_failures: int = CHECK_FAILURES  # failed checks in a row before a replacement
+    autoscale: Autoscale | None = None  # scale between min and max replicas (supervised)
 
     def serve_section(self, repo: str, version: int | None) -> dict[str, Any]:
         """The ``spec.serve`` payload the replicas read."""
@@ -126,6 +170,12 @@ def plan_service(site: Site, opts: ServeOptions) -> tuple[JobRequest, dict[str, 
     """The job request and the ``spec`` payload for ``opts`` (checks the model first)."""
     if opts.replicas < 1:
         raise InputError("replicas: must be at least 1")
+    if opts.autoscale is not None:
+        opts.autoscale.check()
+        opts.supervise = True  # the supervisor does the scaling
+        opts.replicas = min(
+            max(opts.replicas, opts.autoscale.min_replicas), opts.autoscale.max_replicas
+        )
     check_serve_options(opts)
     repo = str(Path(opts.repo).expanduser()) if opts.repo else str(site.models_root)
     version = check_model(repo, opts.ref)
@@ -175,9 +225,209 @@ def start_service(
                 replica=i,
                 run_dir=str(run_dir),
                 token_file=str(token_path(run_dir)),
-            )
+                message="submitted",
+            ),
+            message="submitted by serve start",
         )
+    write_desired(run_dir, opts)
+    if opts.supervise:
+        start_supervisor(site, run_dir, opts)
     return sub
+
+
+# -- desired state, stop marker, supervisor job --------------------------------------------
+
+
+def write_desired(run_dir: Path, opts: ServeOptions, *, state: str = "running") -> dict[str, Any]:
+    """Write ``desired.json``: the model, the replica count, the options (atomically)."""
+    doc = {
+        "state": state,
+        "model": opts.ref,
+        "replicas": opts.replicas,
+        "supervise": opts.supervise,
+        "options": {
+            "gpus": opts.gpus, "cpus": opts.cpus, "time": opts.time,
+            "reservation": opts.reservation, "partition": opts.partition,
+        },
+        "supervisor": {
+            "interval_s": opts.check_interval_s, "failures": opts.check_failures,
+        },
+        "autoscale": asdict(opts.autoscale) if opts.autoscale else None,
+        "updated": now_iso(),
+    }  # fmt: skip
+    atomic_write_json(Path(run_dir) / DESIRED_FILE, doc)
+    return doc
+
+
+def read_desired(run_dir: str | Path) -> dict[str, Any] | None:
+    """``desired.json`` of a service, None when there is none (or it is unreadable)."""
+    try:
+        doc = read_json(Path(run_dir) / DESIRED_FILE)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def set_desired(run_dir: str | Path, **changes: Any) -> dict[str, Any] | None:
+    """Change keys of ``desired.json`` (state, replicas, model); None when there is none."""
+    doc = read_desired(run_dir)
+    if doc is None:
+        return None
+    doc.update(changes, updated=now_iso())
+    atomic_write_json(Path(run_dir) / DESIRED_FILE, doc)
+    return doc
+
+
+def record_decision(run_dir: str | Path, action: str, why: str, **details: Any) -> dict[str, Any]:
+    """Append one decision (``at``, ``action``, ``why``, details) to ``decisions.jsonl``."""
+    import json
+
+    entry = {"at": now_iso(), "action": action, "why": why, **details}
+    append_line(Path(run_dir) / DECISIONS_FILE, json.dumps(entry, default=str))
+    return entry
+
+
+def read_decisions(run_dir: str | Path, last: int | None = None) -> list[dict[str, Any]]:
+    """The supervisor's decisions, oldest first (the ``last`` N with ``last``)."""
+    from aimass_hpc.common.fsutil import read_json_lines
+
+    path = Path(run_dir) / DECISIONS_FILE
+    if not path.exists():
+        return []
+    rows = [r for r in read_json_lines(path) if isinstance(r, dict)]
+    return rows[-last:] if last else rows
+
+
+def supervisor_request(site: Site, run_dir: Path, opts: ServeOptions) -> JobRequest:
+    """The supervisor's batch job: one CPU running ``python -m
+    aimass_hpc.launch.service_supervisor RUN_DIR``; it requeues itself before its time limit."""
+    name = Ref.parse(opts.ref).name
+    command = [site.python, "-m", "aimass_hpc.launch.service_supervisor", str(run_dir)]
+    if site.source:
+        command += ["--site", str(site.source)]
+    return request_from_mapping(
+        {
+            "kind": "job",
+            "name": f"supervise-{name}",
+            "command": command,
+            "env": {"AIMASS_SERVICE_SUPERVISOR": "1", "OMP_NUM_THREADS": "1"},
+            "nodes": 1,
+            "ntasks_per_node": 1,
+            "cpus_per_task": 1,
+            "time": opts.time,
+            "partition": opts.partition or site.serving.partition,
+            "requeue": site.preemption.max_restarts > 0,
+            "signal": True,
+            "launcher": "none",
+            "workdir": str(run_dir),
+        },
+        where="serve.supervisor",
+    )
+
+
+def start_supervisor(site: Site, run_dir: Path, opts: ServeOptions) -> Submission:
+    """Submit the supervisor job of the service in ``run_dir``; remembers its job id."""
+    sub = submit(
+        site,
+        supervisor_request(site, Path(run_dir), opts),
+        spec={"service_run_dir": str(run_dir), "role": "service supervisor"},
+        runs_root=Path(run_dir) / SUPERVISOR_RUNS,
+    )
+    atomic_write_json(
+        Path(run_dir) / SUPERVISOR_FILE,
+        {"job_id": sub.job_id, "run_dir": str(sub.run_dir.path), "submitted": now_iso()},
+    )
+    record_decision(run_dir, "supervisor-started", "serve start --supervise", job_id=sub.job_id)
+    return sub
+
+
+def read_supervisor(run_dir: str | Path) -> dict[str, Any] | None:
+    """``supervisor.json`` (job id, heartbeat, counters), None when not supervised."""
+    try:
+        doc = read_json(Path(run_dir) / SUPERVISOR_FILE)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def mark_stopping(run_dir: str | Path) -> None:
+    """Say the service of ``run_dir`` is being stopped: ``serve.stop`` (handovers and the
+    supervisor start nothing more) and desired state ``stopped``."""
+    atomic_write_text(Path(run_dir) / STOP_MARKER, now_iso() + "\n")
+    set_desired(run_dir, state="stopped")
+
+
+def stop_supervisor(site: Site, run_dir: str | Path) -> list[str]:
+    """Cancel the supervisor job of ``run_dir`` if it is still there; returns its id."""
+    doc = read_supervisor(run_dir)
+    job_id = str(doc.get("job_id") or "") if doc else ""
+    if not job_id:
+        return []
+    scheduler = get_scheduler(site)
+    try:
+        st = scheduler.status([job_id]).get(job_id)
+        if st is not None and not st.is_terminal:
+            scheduler.cancel([job_id])
+            record_decision(run_dir, "supervisor-stopped", "serve stop", job_id=job_id)
+            return [job_id]
+    except (SchedulerError, NotFoundError):
+        pass
+    return []
+
+
+def sweep_run_dir(site: Site, run_dir: str | Path) -> list[str]:
+    """Cancel every job still queued or running from ``run_dir``'s own script -- also one a
+    handover or the supervisor submitted that has no record yet. Returns the ids cancelled."""
+    scheduler = get_scheduler(site)
+    try:
+        ids = scheduler.find_jobs_for_run(run_dir)
+        if not ids:
+            return []
+        statuses = scheduler.status(ids)
+        active = [i for i in ids if i in statuses and not statuses[i].is_terminal]
+        if active:
+            scheduler.cancel(active)
+        return active
+    except (SchedulerError, NotFoundError):
+        return []  # cannot ask: the records' jobs were cancelled already
+
+
+def stop_service(
+    site: Site,
+    records: Iterable[EndpointRecord],
+    *,
+    wait: bool = True,
+    timeout: float = DEFAULTS.stop_timeout_s,
+) -> list[str]:
+    """Stop the services ``records`` belong to, race-free against a handover's sbatch:
+
+    1. ``serve.stop`` in each run directory (a handover checks it before and after its sbatch),
+    2. the supervisor job (so it replaces nothing),
+    3. the records' jobs, read again *after* step 1 (a successor written meanwhile is seen),
+    4. any job still queued from the run directory's script (one with no record yet),
+       once now and once more after the drain.
+    """
+    run_dirs = sorted({r.run_dir for r in records})
+    cancelled: list[str] = []
+    for d in run_dirs:
+        mark_stopping(d)
+    for d in run_dirs:
+        cancelled += stop_supervisor(site, d)
+    live = [
+        r for d in run_dirs for r in reconcile(site, read_records(d))
+        if EndpointState(r.state) not in FINAL_STATES
+    ]  # fmt: skip
+    cancelled += stop_records(site, live)
+    for d in run_dirs:
+        cancelled += sweep_run_dir(site, d)
+    if wait:
+        wait_stopped(live, timeout)
+        for d in run_dirs:
+            cancelled += sweep_run_dir(site, d)
+            reconcile(site, read_records(d))
+    tasks = {j.split("_", 1)[0] for j in cancelled if "_" in j}
+    # An array's id next to its own task ids says nothing more: show the tasks.
+    return sorted({j for j in cancelled if "_" in j or j not in tasks})
 
 
 def reconcile(site: Site, records: list[EndpointRecord]) -> list[EndpointRecord]:
@@ -349,6 +599,15 @@ def upgrade(
     run_dirs = sorted({r.run_dir for r in old}, key=lambda d: max(
         r.started for r in old if r.run_dir == d))  # fmt: skip
     opts = service_options(Path(run_dirs[-1]))
+    # A supervised service stays supervised: the new run dir gets its own supervisor.
+    opts.supervise = any(read_supervisor(d) is not None for d in run_dirs)
+    desired = read_desired(run_dirs[-1]) or {}
+    if isinstance(desired.get("autoscale"), dict):  # keep scaling, from today's replica count
+        opts.autoscale = Autoscale(**desired["autoscale"])
+        opts.replicas = int(desired.get("replicas") or opts.replicas)
+    if isinstance(desired.get("supervisor"), dict):
+        opts.check_interval_s = float(desired["supervisor"].get("interval_s", CHECK_INTERVAL_S))
+        opts.check_failures = int(desired["supervisor"].get("failures", CHECK_FAILURES))
     repo = opts.repo or str(site.models_root)
     target = str(check_model(repo, want))
     old_versions = sorted({str(r.version) for r in old if r.version is not None})
@@ -360,18 +619,89 @@ def upgrade(
         wait_ready(site, sub.run_dir.path, opts.replicas, timeout=timeout, progress=progress)
     except (SchedulerError, KeyboardInterrupt):
         # Keep the old service; take the half-started new one away.
-        stop_records(site, read_records(sub.run_dir.path))
+        stop_service(site, read_records(sub.run_dir.path), wait=False)
         raise
     new = read_records(sub.run_dir.path)
     got = sorted({str(r.version) for r in new if r.state == EndpointState.READY})
     if got != [target]:
-        stop_records(site, new)
+        stop_service(site, new, wait=False)
         raise ConflictError(f"new replicas serve version(s) {got}, expected {target}")
+    for d in run_dirs:  # the old supervisors must not replace the replicas drained now
+        mark_stopping(d)
+        stop_supervisor(site, d)
     stopped = stop_records(site, old)
     wait_stopped(old)
+    for d in run_dirs:
+        stopped += [j for j in sweep_run_dir(site, d) if j not in stopped]
     return UpgradeResult(ref, old_versions, target, str(sub.run_dir.path), sub.job_id, stopped)
 
 
 def job_state_word(state: JobState) -> str:
     """Short lower-case scheduler state for tables."""
     return state.value.lower()
+
+
+# -- serve status ---------------------------------------------------------------------------
+
+
+def service_run_dirs(site: Site, target: str) -> list[Path]:
+    """The run directories ``target`` names: a run directory itself, or the live services of
+    a model reference (else its newest one); ``NotFoundError`` when there is none."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        if not (path / "spec.json").is_file():
+            raise NotFoundError(f"{target}: not a service run directory (no spec.json)")
+        return [path.resolve()]
+    records = find_records(site.runs_root, target)
+    if not records:
+        raise NotFoundError(f"no service for {target!r} under {site.runs_root}")
+    live = sorted({r.run_dir for r in records if EndpointState(r.state) not in FINAL_STATES})
+    if live:
+        return [Path(d) for d in live]
+    newest = max(records, key=lambda r: r.started)
+    return [Path(newest.run_dir)]
+
+
+def service_status(site: Site, run_dir: Path, *, decisions: int = 10) -> dict[str, Any]:
+    """Desired vs actual replicas of one service, its supervisor and its last decisions."""
+    records = reconcile(site, read_records(run_dir))
+    desired = read_desired(run_dir)
+    counts: dict[str, int] = {}
+    for rec in records:
+        counts[rec.state] = counts.get(rec.state, 0) + 1
+    sup = read_supervisor(run_dir)
+    sup_state = None
+    if sup and sup.get("job_id"):
+        try:
+            st = get_scheduler(site).status([str(sup["job_id"])]).get(str(sup["job_id"]))
+            sup_state = st.state.value if st is not None else None
+        except (SchedulerError, NotFoundError):
+            sup_state = "unknown"
+    try:
+        want_replicas: int | None = int((desired or {}).get("replicas"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        want_replicas = None
+    return {
+        "run_dir": str(run_dir),
+        "model": (desired or {}).get("model") or (records[0].model_ref if records else None),
+        "desired_state": (desired or {}).get("state", "running"),
+        "desired_replicas": want_replicas,
+        "ready_replicas": counts.get("READY", 0),
+        "coming_replicas": counts.get("PENDING", 0) + counts.get("LOADING", 0),
+        "states": counts,
+        "stopping": (run_dir / STOP_MARKER).exists(),
+        "supervisor": {**(sup or {}), "state": sup_state} if sup else None,
+        "replicas": [
+            {
+                "replica": r.replica,
+                "job_id": r.job_id,
+                "state": r.state,
+                "url": r.url,
+                "version": r.version,
+                "fenced": r.fenced,
+                "history": r.history,
+            }
+            for r in records
+        ],  # fmt: skip
+        "decisions": read_decisions(run_dir, decisions),
+    }

@@ -48,6 +48,12 @@ class ServeDefaults:
     # -- waits on the login node
     ready_timeout_s: float = 600.0  # `serve start --wait`, `serve upgrade`
     stop_timeout_s: float = 120.0  # draining replicas after an upgrade
+    # -- the supervisor (`serve start --supervise`) and its autoscaling (Ray Serve's defaults)
+    check_interval_s: float = 3.0  # seconds between rounds of health checks
+    check_failures: int = 3  # failed checks in a row before a replica is replaced
+    autoscale_target_ongoing: float = 2.0  # ongoing requests per replica to aim at
+    upscale_delay_s: float = 30.0  # the need must last this long before replicas are added
+    downscale_delay_s: float = 600.0  # ... before replicas are taken away
 
     def replica_options(self) -> dict[str, Any]:
         """The options ``python -m aimass_hpc.serve`` resolves when nothing else says."""

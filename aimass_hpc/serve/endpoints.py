@@ -10,6 +10,15 @@ Only READY records are offered to clients, and a client still checks ``/readyz``
 trusts one (a record can outlive a replica killed with SIGKILL). DRAINING marks a replica that
 still finishes its in-flight requests but takes no new clients: it is how a blue/green switch
 or a time-limit handover hands traffic over without a failed request.
+
+Every state change is kept in the record's ``history`` (``{state, at, why}``, the newest
+last). A record the service supervisor gave up on is *fenced*: it says FAILED with the reason
+in ``fenced``, and a replica that wakes up later (a SIGSTOP-ed process continued) cannot
+write it back to READY -- :func:`write_record` keeps a fenced record FAILED.
+
+A run directory holding the file ``serve.stop`` is being stopped: a replica's time-limit
+handover submits no replacement there (and cancels one it queued just before the file
+appeared), and the supervisor replaces nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from aimass_hpc.common.fsutil import atomic_write_json, read_json
 from aimass_hpc.repo.refs import Ref
 
 ENDPOINTS_DIRNAME = "endpoints"
+STOP_MARKER = "serve.stop"  # in a run directory: the service is being stopped
+HISTORY_LIMIT = 50  # state changes kept per record (the oldest are dropped)
 # How deep under a runs root run directories may sit (runs/<id>/ or runs/<kind>/<id>/...).
 _SEARCH_DEPTH = 3
 
@@ -70,6 +81,8 @@ class EndpointRecord:
     updated: str = field(default_factory=now_iso)
     token_file: str | None = None
     message: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # {state, at, why}
+    fenced: str | None = None  # why the supervisor took this replica out of service
 
     @property
     def url(self) -> str | None:
@@ -134,7 +147,11 @@ def record_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 
 def write_record(record: EndpointRecord, state: str | None = None, **changes: Any) -> None:
-    """Update ``record`` in place (state, other fields, ``updated``) and write it atomically."""
+    """Update ``record`` in place (state, other fields, ``updated``) and write it atomically.
+
+    A state change is appended to ``history`` (with ``message`` as its reason). What another
+    writer put in the file is kept: its longer history, and a fence (the record stays FAILED).
+    """
     if state is not None:
         record.state = str(EndpointState(state))
     for key, value in changes.items():
@@ -142,8 +159,36 @@ def write_record(record: EndpointRecord, state: str | None = None, **changes: An
             raise AttributeError(f"EndpointRecord has no field {key!r}")
         setattr(record, key, value)
     record.updated = now_iso()
+    _merge_on_disk(record)
+    if record.fenced:
+        record.state = str(EndpointState.FAILED)
+    last = record.history[-1]["state"] if record.history else None
+    if record.state != last:
+        why = changes.get("message") or record.fenced or ""
+        record.history.append({"state": record.state, "at": record.updated, "why": why})
+        del record.history[:-HISTORY_LIMIT]
     record_dir(record.run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(record.path(), record.to_dict())
+
+
+def _merge_on_disk(record: EndpointRecord) -> None:
+    """Take the fence and a longer history from the file another writer left."""
+    try:
+        disk = read_json(record.path())
+    except (OSError, ValueError):
+        return
+    if not isinstance(disk, dict):
+        return
+    if disk.get("fenced") and not record.fenced:
+        record.fenced = str(disk["fenced"])
+    hist = disk.get("history")
+    if isinstance(hist, list) and len(hist) > len(record.history):
+        record.history = [h for h in hist if isinstance(h, dict)]
+
+
+def stop_requested(run_dir: str | os.PathLike[str]) -> bool:
+    """Is the service of ``run_dir`` being stopped (``serve.stop`` exists)?"""
+    return (Path(run_dir) / STOP_MARKER).exists()
 
 
 def read_records(run_dir: str | os.PathLike[str]) -> list[EndpointRecord]:

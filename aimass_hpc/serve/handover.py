@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING
 
 from aimass_hpc.common import slurm_cli
 from aimass_hpc.common.errors import AimassError, SchedulerError
-from aimass_hpc.serve.endpoints import EndpointRecord, EndpointState, read_records, write_record
+from aimass_hpc.serve.endpoints import (
+    EndpointRecord,
+    EndpointState,
+    read_records,
+    stop_requested,
+    write_record,
+)
 
 if TYPE_CHECKING:
     from aimass_hpc.serve.server import Replica
@@ -52,12 +58,28 @@ def submit_replacement(run_dir: str, array_task: str | None) -> str:
     return f"{job_id}_{array_task}" if array_task is not None else job_id
 
 
+def cancel_job(job_ref: str) -> None:
+    """``scancel`` one job (or array task) from the job side; errors are logged, not raised."""
+    try:
+        proc = slurm_cli.run_command(
+            ["scancel", job_ref], env=slurm_cli.submission_env(), timeout=60
+        )
+    except (OSError, AimassError) as exc:
+        log.error("handover: cannot cancel %s: %s", job_ref, exc)
+        return
+    if proc.returncode != 0:
+        log.error("handover: scancel %s: %s", job_ref, proc.stderr.strip()[:300])
+
+
 async def handover_on_warning(replica: Replica) -> None:
     """Submit a replacement for ``replica`` and return once it is READY (or time is up)."""
     rec = replica.record
     grace = float(os.environ.get("AIMASS_GRACE_SECONDS", "120") or 120)
     deadline = time.monotonic() + max(grace - replica.opts.drain_grace_s - DRAIN_RESERVE_S, 5.0)
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    if stop_requested(rec.run_dir):  # `serve stop` is under way: nothing to hand over to
+        log.warning("handover: the service is being stopped; no replacement")
+        return
     try:
         new_ref = await asyncio.to_thread(submit_replacement, rec.run_dir, task)
     except (OSError, AimassError) as exc:
@@ -65,19 +87,25 @@ async def handover_on_warning(replica: Replica) -> None:
         write_record(rec, message=f"handover failed: {exc}")
         return
     log.warning("handover: replacement job %s submitted for %s", new_ref, rec.key)
-    write_record(
-        EndpointRecord(
-            model_ref=rec.model_ref,
-            model_name=rec.model_name,
-            version=None,
-            state=EndpointState.PENDING,
-            job_id=new_ref,
-            replica=rec.replica,
-            run_dir=rec.run_dir,
-            token_file=rec.token_file,
-            message=f"replaces {rec.job_id}",
-        )
+    successor = EndpointRecord(
+        model_ref=rec.model_ref,
+        model_name=rec.model_name,
+        version=None,
+        state=EndpointState.PENDING,
+        job_id=new_ref,
+        replica=rec.replica,
+        run_dir=rec.run_dir,
+        token_file=rec.token_file,
+        message=f"replaces {rec.job_id}",
     )
+    write_record(successor, message=f"replaces {rec.job_id} (time-limit handover)")
+    # `serve stop` writes its marker before it reads the records: either it sees the record
+    # written above, or this check sees the marker -- the new job is never orphaned.
+    if stop_requested(rec.run_dir):
+        log.warning("handover: the service is being stopped; cancelling %s", new_ref)
+        await asyncio.to_thread(cancel_job, new_ref)
+        write_record(successor, EndpointState.STOPPED, message="cancelled: service stopping")
+        return
     write_record(rec, message=f"handing over to {new_ref}")
     while time.monotonic() < deadline:
         for other in read_records(rec.run_dir):
