@@ -94,7 +94,7 @@ def test_task_refs_are_located_without_importing_parent_packages(tmp_path: Path)
         ({"task.ref": "digits_mlp:no_such_fn"}, "defines no 'no_such_fn'"),
         ({"task.ref": "not a ref"}, "task.ref"),
         ({"task.args": {"widht": 3}}, "task.args.widht: digits_mlp:build takes no argument"),
-        ({"backend": "mpi"}, "backend: Input should be 'torch' or 'horovod'"),
+        ({"backend": "mpi"}, "backend: Input should be 'torch', 'horovod' or 'fsdp'"),
         ({"train.batch_size": 30}, "train.batch_size: 30 is not divisible by the 4 ranks"),
         ({"train.optimizer": "lbfgs"}, "train.optimizer"),
         ({"job.gpus_per_node": 2, "job.tasks_per_node": 3}, "one task per GPU"),
@@ -164,7 +164,7 @@ def test_unknown_backend_is_refused(tmp_path: Path) -> None:
     _assert_refused(tmp_path, out, "Invalid value for '--backend'")
     spec = write_spec(tmp_path, 'backend = "gloo"\n' + BASE, "b.toml")
     out = aimass("train", str(spec), "--site", site.source)
-    _assert_refused(tmp_path, out, "backend: Input should be 'torch' or 'horovod'")
+    _assert_refused(tmp_path, out, "backend: Input should be 'torch', 'horovod' or 'fsdp'")
 
 
 def test_horovod_where_the_jobs_python_lacks_it_is_refused(tmp_path: Path) -> None:

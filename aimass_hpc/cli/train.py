@@ -25,8 +25,15 @@ if TYPE_CHECKING:
 @click.option("--tasks-per-node", type=click.IntRange(min=1), help="override job.tasks_per_node")
 @click.option(
     "--backend",
-    type=click.Choice(["horovod", "torch"]),
+    type=click.Choice(["fsdp", "horovod", "torch"]),
     help="override the spec's / site's training backend",
+)
+@click.option(
+    "--resume-from",
+    "resume_from",
+    metavar="RUN_DIR",
+    help="start from the newest checkpoint of another run (its run dir) while this run has "
+    "none of its own, e.g. to continue on another number of ranks",
 )
 @click.option("--time", "time_limit", help="override job.time (Slurm syntax)")
 @click.option(
@@ -47,6 +54,7 @@ def train(
     gpus_per_node: int | None,
     tasks_per_node: int | None,
     backend: str | None,
+    resume_from: str | None,
     time_limit: str | None,
     sbatch_args: tuple[str, ...],
     dry_run: bool,
@@ -75,6 +83,11 @@ def train(
     spec = load_train_spec(spec_path, overrides)
     site = load_site(site_ref)
     plan = plan_training(spec, site)
+    if resume_from is not None:
+        source = Path(resume_from).expanduser().resolve()
+        if not (source / "checkpoints.jsonl").is_file():
+            raise InputError(f"--resume-from: {source} is no run directory with checkpoints")
+        plan.config.resume_from = str(source)
     repository = Path(plan.config.repository or "")
     if not dry_run and plan.config.repository and not repository.is_dir():
         # Create the repository here, once: a bad path fails before queueing, and the ranks

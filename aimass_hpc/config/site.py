@@ -329,7 +329,7 @@ class Preemption(_Model):
 class Training(_Model):
     """Defaults for ``aimass train``."""
 
-    backend: Literal["torch", "horovod"] = "torch"
+    backend: Literal["torch", "horovod", "fsdp"] = "torch"
     partition: SlurmName | None = None
     keep_checkpoints: int = Field(
         5,

@@ -64,7 +64,7 @@ from aimass_hpc.config.job_spec import JobRequest, read_spec_toml, request_from_
 from aimass_hpc.config.site import Site, problems_from_validation
 from aimass_hpc.runtime.config import CONFIG_FILE, RunConfig, TrainParams
 
-Backend = Literal["torch", "horovod"]
+Backend = Literal["torch", "horovod", "fsdp"]
 
 
 class _Strict(BaseModel):
@@ -115,6 +115,19 @@ class TrainSection(_Strict):
     shuffle: bool = True
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    fsdp_wrap: list[Text] = Field(
+        default_factory=list,
+        description="backend fsdp: module class names sharded as units (default: every "
+        "module holding parameters)",
+    )
+    mixed_precision: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="backend fsdp: bf16 compute, fp32 reductions (auto: on GPUs)"
+    )
+    activation_checkpointing: bool = Field(False, description="backend fsdp: recompute")
+    cpu_offload: bool = Field(False, description="backend fsdp: shards kept on the CPU")
+    async_checkpoint: bool = Field(
+        False, description="write checkpoints in the background (the loop waits for a snapshot)"
+    )
 
 
 class ModelSection(_Strict):

@@ -19,7 +19,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from aimass_hpc.common.errors import ConflictError, InputError, IntegrityError, NotFoundError
 from aimass_hpc.common.fsutil import atomic_write_json, fsync_dir, publish_file, read_json
@@ -29,6 +31,9 @@ from aimass_hpc.repo.layout import ModelDir, ensure_repo, hidden_version, writer
 from aimass_hpc.repo.oserrors import os_errors
 from aimass_hpc.repo.records import Checkpoint, GcReport, VerifyReport, Version
 from aimass_hpc.repo.refs import Ref, check_alias, check_name, parse_ref
+
+if TYPE_CHECKING:
+    from aimass_hpc.repo import reshard
 
 # Test hook: called with the name of each step of a save ("claimed", "layout-written",
 # "data-written", "file-synced", "sidecar-written", "renamed", "committed") and of a delete
@@ -250,11 +255,15 @@ class ModelRepository:
         optimizer: Any = None,
         extra: Any = None,
         alignment: int = 1 << 20,
+        layout: Mapping[str, Any] | None = None,
     ) -> Path:
         """Write one rank's part of a sharded checkpoint; invisible until :meth:`commit_shards`.
 
         Every rank calls this with the same ``key`` (unique per checkpoint, e.g.
         ``f"{job_id}-step{step}"``); then one rank, after a barrier, commits the set.
+        ``layout`` (parallel sharded checkpoints, see :mod:`aimass_hpc.repo.reshard`) maps a
+        tensor's path (``model/fc.weight``, ``optimizer/state.0.exp_avg``) to the
+        ``global_shape`` of the whole tensor and the ``offsets`` of this rank's piece in it.
         """
         check_name(name)
         check_name(key, "shard key")
@@ -274,6 +283,7 @@ class ModelRepository:
             "world_size": world_size,
             "save_id": os.urandom(8).hex(),
             "contents": _contents(state_dict, optimizer, extra, None),
+            **({"layout": _check_layout(layout)} if layout is not None else {}),
             **metadata.environment(),
             **_tensor_stats(pool),
         }
@@ -289,13 +299,22 @@ class ModelRepository:
             )
         return target
 
-    def commit_shards(self, name: str, key: str, *, world_size: int, **kwargs: Any) -> Version:
+    def commit_shards(
+        self, name: str, key: str, *, world_size: int, wait_s: float = 0.0, **kwargs: Any
+    ) -> Version:
         """Commit the shards saved under ``key`` as one new version (all ranks must exist).
 
         Accepts the metadata keywords of :meth:`save` (metrics, tags, parent, recipe, ...).
+        ``wait_s``: wait up to that long for the other ranks' shard files to appear (each
+        appears whole, by a rename), instead of a barrier: asynchronous saves commit from a
+        background thread, which must not make collective calls.
         """
         md = ModelDir(self.root, name)
         sdir = md.shard_dir(key)
+        deadline = time.monotonic() + wait_s
+        wanted_files = [sdir / _shard_file(r, world_size) for r in range(world_size)]
+        while time.monotonic() < deadline and not all(f.exists() for f in wanted_files):
+            time.sleep(0.05)
         allowed = {
             "metrics",
             "tags",
@@ -338,15 +357,21 @@ class ModelRepository:
             stats: Counter[str] = Counter()
             for r, fname in enumerate(wanted):
                 path = sdir / fname
-                smeta = h5format.read_metadata(path, f"model {name} shard {r}")
-                shards.append(
-                    {
-                        "rank": r,
-                        "file": str(path.relative_to(md.dir)),
-                        "size": path.stat().st_size,
-                        "save_id": smeta.get("save_id"),
-                    }
-                )
+                cf = h5format.CheckpointFile(path, f"model {name} shard {r}")
+                smeta = cf.metadata
+                entry = {
+                    "rank": r,
+                    "file": str(path.relative_to(md.dir)),
+                    "size": path.stat().st_size,
+                    "save_id": smeta.get("save_id"),
+                    # The shard's checksum: a digest of its per-tensor checksums (each tensor's
+                    # own is verified as it is read), so a replaced file is caught at open.
+                    "checksum": _shard_digest(cf),
+                }
+                cf.close()
+                if "layout" in smeta:
+                    entry["layout"] = smeta["layout"]
+                shards.append(entry)
                 contents += [c for c in smeta.get("contents", []) if c not in contents]
                 for k in ("param_count", "tensor_count", "tensor_bytes"):
                     stats[k] += smeta.get(k, 0)
@@ -505,12 +530,18 @@ class ModelRepository:
         mmap: bool = True,
         verify: bool = True,
         shard: int | None = None,
+        select: reshard.Select | None = None,
     ) -> Checkpoint:
         """Load a version: tensors mapped from the file (``mmap``), checksums verified.
 
         ``state_dict`` tensors are moved to ``device``; optimizer and extra tensors stay on
         the CPU (``optimizer.load_state_dict`` and ``torch.set_rng_state`` want that).
         Raises IntegrityError naming the tensor whose checksum fails, or a truncated file.
+
+        A parallel sharded version (shards with a layout) loads as one whole, unsharded
+        state dict and optimizer state; ``select(name, global_shape)`` -> ``(offsets,
+        shape)`` asks for a region of each laid-out tensor instead (a rank's shard when
+        resuming on another world size).
         """
         v = self.get(ref)
         with _gc_paused(), os_errors(f"loading model {v.ref}"):
@@ -529,6 +560,18 @@ class ModelRepository:
                     device=device, mmap=mmap, verify=verify
                 )
                 return Checkpoint(sd, opt, extra, v, shard=shard)
+            layouts = [s.get("layout") for s in v.metadata.get("shards", [])]
+            if layouts and all(lay is not None for lay in layouts):
+                pieces = [
+                    self._open(item, v, r).load(device="cpu", mmap=mmap, verify=verify)
+                    for r, item in enumerate(files)
+                ]
+                from aimass_hpc.repo.reshard import assemble  # torch: only for such loads
+
+                sd, opt, extra = assemble(f"model {v.ref}", pieces, layouts, select)
+                if sd is not None and device != "cpu":
+                    sd = type(sd)((k, t.to(device)) for k, t in sd.items())
+                return Checkpoint(sd, opt, extra, v)
             merged: dict[str, Any] = {}
             opts, extras = [], []
             for r, item in enumerate(files):
@@ -552,8 +595,10 @@ class ModelRepository:
         label, path, size = item
         cf = h5format.CheckpointFile(path, label, expected_size=size)
         if rank is not None:
-            want = v.metadata["shards"][rank].get("save_id")
-            if cf.metadata.get("save_id") != want:
+            entry = v.metadata["shards"][rank]
+            if cf.metadata.get("save_id") != entry.get("save_id") or (
+                entry.get("checksum") and entry["checksum"] != _shard_digest(cf)
+            ):
                 raise IntegrityError(f"{label}: {path} was replaced after the commit")
         return cf
 
@@ -1055,6 +1100,25 @@ def _aliased(aliases: Mapping[str, int], numbers: set[int]) -> dict[int, list[st
     for alias, n in sorted(aliases.items()):
         if n in numbers:
             out.setdefault(n, []).append(alias)
+    return out
+
+
+def _shard_digest(cf: h5format.CheckpointFile) -> str:
+    """A shard's checksum: xxh64 over its tensors' checksums, in manifest order."""
+    import xxhash
+
+    return xxhash.xxh64(np.asarray(cf.checksums, dtype="<u8").tobytes()).hexdigest()
+
+
+def _check_layout(layout: Mapping[str, Any]) -> dict[str, Any]:
+    """A shard's layout as JSON: name -> global_shape and offsets (same length, ints >= 0)."""
+    out: dict[str, Any] = {}
+    for name, entry in layout.items():
+        g = [int(x) for x in entry["global_shape"]]
+        o = [int(x) for x in entry["offsets"]]
+        if len(g) != len(o) or any(x < 0 for x in g + o):
+            raise InputError(f"layout of {name!r}: offsets {o} do not fit global shape {g}")
+        out[str(name)] = {"global_shape": g, "offsets": o}
     return out
 
 

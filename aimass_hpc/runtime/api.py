@@ -226,6 +226,10 @@ class Job:
         """Collective: save a checkpoint (rank 0 writes) and return its ref on rank 0."""
         rng_states = self.backend.allgather_object(rng.capture())
         self._last_step = step
+        if self.backend.sharded:
+            return self._save_sharded(
+                step, model, optimizer, extra, metrics, final, rng_states=rng_states
+            )
         if not self.is_main or self.store is None:
             return None
         module = _unwrap(model)
@@ -262,6 +266,8 @@ class Job:
         """
         if self.store is None:
             return None
+        if self.backend.sharded:
+            return self._restore_sharded(model, optimizer)
         state = self.store.latest() if self.is_main else None
         if self.world_size > 1:
             state = self.backend.broadcast_object(state)
@@ -271,6 +277,77 @@ class Job:
         module.load_state_dict(state.model)
         if optimizer is not None and state.optimizer:
             optimizer.load_state_dict(state.optimizer)
+        states = state.extra.get("rng") or []
+        if len(states) == self.world_size:
+            rng.restore(states[self.rank])
+        self._last_step = state.step
+        self.metrics.log("event", event="resume", step=state.step, ref=state.ref)
+        return dict(state.extra)
+
+    def _save_sharded(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        extra: dict[str, Any] | None,
+        metrics: dict[str, float] | None,
+        final: bool,
+        *,
+        rng_states: list[Any] | None = None,
+        info: SaveInfo | None = None,
+    ) -> str | None:
+        """FSDP: every rank writes its pieces in parallel, rank 0 commits; ref on rank 0."""
+        from aimass_hpc.runtime import sharded
+
+        if self.store is None:
+            return None
+        sd, opt, layout = sharded.local_state(_unwrap(model), optimizer)
+        state = TrainState(
+            model=sd,
+            optimizer=opt,
+            extra={
+                **(extra or {}),
+                "step": step,
+                "rng": rng_states,
+                "world_size": self.world_size,
+            }
+            if rng_states is not None
+            else {},
+            layout=layout,
+        )
+        if info is None:
+            info = SaveInfo(
+                kind="final" if final else "checkpoint",
+                metrics=dict(metrics or {}),
+                hyperparameters=dict(self._hyperparameters),
+                run=lineage(self.config, self.world, step),
+                tags=list(self.config.tags),
+            )
+        ref = self.store.save_sharded(state, info, self.backend)
+        if self.is_main:
+            self.metrics.log("event", event="checkpoint", step=step, ref=ref)
+        return ref if self.is_main else None
+
+    def _restore_sharded(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any] | None:
+        """FSDP: every rank reads the slices its own shards cover (any saved world size)."""
+        from aimass_hpc.runtime import sharded
+
+        assert self.store is not None
+        ref = self.store.latest_ref() if self.is_main else None
+        ref = self.backend.broadcast_object(ref)
+        if ref is None:
+            return None
+        module = _unwrap(model)
+        targets = sharded.Targets(module, optimizer)
+        state = self.store.load_resharded(ref, targets.select)
+        for name, entry in (state.layout or {}).items():  # in-memory store: same world
+            targets.select(name, tuple(entry["global_shape"]))
+        sd, opt = targets.restore(state.model, state.optimizer)
+        module.load_state_dict(sd)
+        if optimizer is not None and opt:
+            optimizer.load_state_dict(opt)
         states = state.extra.get("rng") or []
         if len(states) == self.world_size:
             rng.restore(states[self.rank])
@@ -314,7 +391,19 @@ class Job:
         full_recipe = self._full_recipe(recipe) if recipe is not None else None
         hparams = {**self._hyperparameters, **dict(hyperparameters or {})}
         ref = None
-        if self.is_main and self.store is not None:
+        if self.backend.sharded:
+            # Sharded final model (one piece per rank); FLOPs/peak memory are not measured.
+            info = SaveInfo(
+                kind="final",
+                metrics=dict(metrics or {}),
+                hyperparameters=hparams,
+                recipe=full_recipe,
+                run=lineage(self.config, self.world, -1),
+                tags=list(self.config.tags),
+                model_type=model_type,
+            )
+            ref = self._save_sharded(-1, model, None, None, None, True, info=info)
+        elif self.is_main and self.store is not None:
             module = _unwrap(model)
             weights = {k: v.detach().cpu() for k, v in module.state_dict().items()}
             flops, peak = _measure(module, full_recipe, self.device)
@@ -455,9 +544,26 @@ def make_store(config: RunConfig) -> CheckpointStore | None:
     """The repository store for this run (None without repository and model name)."""
     if config.repository and config.model_name:
         return RepositoryStore(
-            config.repository, config.model_name, config.run_dir, keep=config.keep_checkpoints
+            config.repository,
+            config.model_name,
+            config.run_dir,
+            keep=config.keep_checkpoints,
+            resume_from=config.resume_from,
         )
     return None
+
+
+def fsdp_options(config: RunConfig) -> Any:
+    """The FSDP backend's options from the run config's ``[train]`` fields."""
+    from aimass_hpc.runtime.fsdp import FSDPOptions
+
+    t = config.train
+    return FSDPOptions(
+        wrap=list(t.fsdp_wrap),
+        mixed_precision=t.mixed_precision,
+        activation_checkpointing=t.activation_checkpointing,
+        cpu_offload=t.cpu_offload,
+    )
 
 
 def write_result(
@@ -615,7 +721,13 @@ def init(config: RunConfig | str | Path | None = None) -> Job:
         config.run_dir = os.environ.get("AIMASS_RUN_DIR") or None
     preempt.install(("TERM", config.warning_signal))
     world = WorldInfo.from_env()
-    backend = connect(config.backend, world, device=config.train.device, timeout_s=config.timeout_s)
+    backend = connect(
+        config.backend,
+        world,
+        device=config.train.device,
+        timeout_s=config.timeout_s,
+        fsdp=fsdp_options(config),
+    )
     preempt.reinstall()  # MPI/NCCL initialisation must not have taken our handlers
     job = Job(config, backend, make_store(config))
     confirm_restart(job.run_dir, world)

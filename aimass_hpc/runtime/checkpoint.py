@@ -37,6 +37,9 @@ class TrainState:
     optimizer: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     ref: str | None = None
+    # Parallel sharded state (FSDP): ``model``/``optimizer`` hold this rank's pieces and
+    # this maps each piece's name to the tensor's global shape and the piece's offsets.
+    layout: dict[str, Any] | None = None
 
     @property
     def step(self) -> int:
@@ -62,11 +65,16 @@ class SaveInfo:
 class CheckpointStore(ABC):
     """Where a run's checkpoints go. Only rank 0 calls :meth:`save`."""
 
-    def __init__(self, run_dir: str | Path | None, keep: int | None = None) -> None:
+    def __init__(
+        self, run_dir: str | Path | None, keep: int | None = None, resume_from: Any = None
+    ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise ValueError(f"keep_checkpoints must be a positive integer, got {keep!r}")
         self.keep = keep  # None: keep every checkpoint
+        # Another run's directory: its newest checkpoint starts this run while this run has
+        # none of its own (resume on another world size in a new job).
+        self.resume_from = Path(resume_from) if resume_from else None
 
     @abstractmethod
     def _save(self, state: TrainState, info: SaveInfo, parent: str | None) -> str:
@@ -127,11 +135,80 @@ class CheckpointStore(ABC):
         return {e["ref"] for e in self._entries() if e.get("kind") == "pruned"}
 
     def latest_ref(self, kind: str = "checkpoint") -> str | None:
-        """Ref of this run's newest version of ``kind`` ("checkpoint" or "final"), if any."""
+        """Ref of this run's newest version of ``kind`` ("checkpoint" or "final"), if any.
+
+        A run with no checkpoint of its own and a ``resume_from`` run directory gets that
+        run's newest checkpoint.
+        """
         for entry in reversed(self.history()):
             if entry.get("kind") == kind:
                 return entry["ref"]
+        if kind == "checkpoint" and self.resume_from is not None:
+            other = fsutil.read_json_lines(self.resume_from / INDEX_FILE)
+            gone = {e["ref"] for e in other if e.get("kind") == "pruned"}
+            for entry in reversed(other):
+                if entry.get("kind") == kind and entry["ref"] not in gone:
+                    return str(entry["ref"])
         return None
+
+    # ------------------------------------------------------------ parallel sharded saves
+
+    def save_sharded(self, state: TrainState, info: SaveInfo, comm: Any) -> str | None:
+        """Collective: every rank writes its pieces at once; rank 0 then commits the set.
+
+        ``comm`` is the runtime's Backend (rank, world_size, barrier, broadcast_object).
+        Returns the new ref on every rank. Nothing is visible before the commit: a crash
+        while writing leaves the previous checkpoint the newest one.
+        """
+        rank, world = comm.rank, comm.world_size
+        key = shard_key(state.step) if rank == 0 else None
+        key = comm.broadcast_object(key)
+        failure = None
+        try:
+            self._save_piece(state, key, rank, world)
+        except Exception as exc:  # every rank must reach the vote below, or all would hang
+            failure = f"rank {rank}: {exc}"
+        failures = [f for f in comm.allgather_object(failure) if f]
+        if failures:
+            raise RuntimeError(f"sharded checkpoint {key} failed: {failures[0]}")
+        ref = None
+        if rank == 0:
+            parent = self.latest_ref()
+            ref = self._commit(key, world, info, parent)
+            self._record(ref, int(info.run.get("step", state.step)), info.kind, parent)
+            if info.kind == "checkpoint":
+                self.prune()
+        return comm.broadcast_object(ref)
+
+    def save_pieces_then_commit(
+        self, state: TrainState, info: SaveInfo, key: str, rank: int, world: int, wait_s: float
+    ) -> str | None:
+        """Write this rank's pieces; rank 0 then waits for the others' and commits.
+
+        No collective call: this runs in a background thread (asynchronous checkpoints).
+        The ref on rank 0, None elsewhere.
+        """
+        self._save_piece(state, key, rank, world)
+        if rank != 0:
+            return None
+        parent = self.latest_ref()
+        ref = self._commit(key, world, info, parent, wait_s=wait_s)
+        self._record(ref, int(info.run.get("step", state.step)), info.kind, parent)
+        if info.kind == "checkpoint":
+            self.prune()
+        return ref
+
+    def _save_piece(self, state: TrainState, key: str, rank: int, world: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot save sharded checkpoints")
+
+    def _commit(
+        self, key: str, world: int, info: SaveInfo, parent: str | None, wait_s: float = 0.0
+    ) -> str:
+        raise NotImplementedError(f"{type(self).__name__} cannot save sharded checkpoints")
+
+    def load_resharded(self, ref: str, select: Any) -> TrainState:
+        """This rank's pieces of the checkpoint ``ref`` (``select``: see ModelRepository.load)."""
+        return self.load(ref)
 
     def latest(self) -> TrainState | None:
         """The newest checkpoint of this run, loaded, or None on a fresh start."""
@@ -154,6 +231,49 @@ class CheckpointStore(ABC):
             fsutil.append_line(self.run_dir / INDEX_FILE, json.dumps(entry))
 
 
+class PendingSave:
+    """One checkpoint being written and committed by a background thread.
+
+    The step loop has already snapshotted the state to host memory; the thread writes it
+    (and, on rank 0, commits and records it). :meth:`wait` joins it and re-raises its error.
+    Not a daemon thread: an interpreter that exits normally finishes the save first.
+    """
+
+    def __init__(self, fn: Any, step: int) -> None:
+        import threading
+
+        self.step = step
+        self.ref: str | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="aimass-checkpoint")
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self.ref = fn()
+        except BaseException as exc:  # handed to the step loop by wait()
+            self.error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> str | None:
+        """The saved ref (rank 0; None elsewhere) once the background save has finished."""
+        self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(
+                f"checkpoint of step {self.step} failed: {self.error}"
+            ) from self.error
+        return self.ref
+
+
+def shard_key(step: int) -> str:
+    """A fresh key for one sharded checkpoint (rank 0 draws it, every rank uses it)."""
+    import os
+
+    return f"s{step}-{os.urandom(4).hex()}"
+
+
 class RepositoryStore(CheckpointStore):
     """Checkpoints as versions of ``model_name`` in a :class:`ModelRepository`.
 
@@ -167,8 +287,9 @@ class RepositoryStore(CheckpointStore):
         model_name: str,
         run_dir: str | Path | None,
         keep: int | None = None,
+        resume_from: str | Path | None = None,
     ):
-        super().__init__(run_dir, keep)
+        super().__init__(run_dir, keep, resume_from)
         self.repository = Path(repository)
         self.model_name = model_name
         self._repo: Any = None
@@ -210,6 +331,47 @@ class RepositoryStore(CheckpointStore):
                 numbers.append(r.version)
         return [v.ref for v in self.repo.prune(self.model_name, numbers)]
 
+    def _save_piece(self, state: TrainState, key: str, rank: int, world: int) -> None:
+        self.repo.save_shard(
+            self.model_name,
+            state.model,
+            key=key,
+            rank=rank,
+            world_size=world,
+            optimizer=state.optimizer,
+            extra=(state.extra or None) if rank == 0 else None,
+            layout=state.layout or {},
+        )
+
+    def _commit(
+        self, key: str, world: int, info: SaveInfo, parent: str | None, wait_s: float = 0.0
+    ) -> str:
+        version = self.repo.commit_shards(
+            self.model_name,
+            key,
+            world_size=world,
+            wait_s=wait_s,
+            metrics=info.metrics or None,
+            tags=[info.kind, *info.tags],
+            parent=parent,
+            hyperparameters=info.hyperparameters or None,
+            recipe=info.recipe,
+            run=info.run or None,
+            flops_per_sample=info.flops_per_sample,
+            peak_memory_bytes=info.peak_memory_bytes,
+            model_type=info.model_type,
+        )
+        return str(version.ref)
+
+    def load_resharded(self, ref: str, select: Any) -> TrainState:
+        ckpt = self.repo.load(ref, select=select)
+        return TrainState(
+            model=dict(ckpt.state_dict),
+            optimizer=ckpt.optimizer,
+            extra=dict(ckpt.extra or {}),
+            ref=str(ckpt.version.ref),
+        )
+
     def load(self, ref: str) -> TrainState:
         ckpt = self.repo.load(ref)
         return TrainState(
@@ -238,6 +400,11 @@ class MemoryStore(CheckpointStore):
 
     def _delete(self, refs: list[str]) -> list[str]:
         return [ref for ref in refs if self.saved.pop(ref, None) is not None]
+
+    def save_sharded(self, state: TrainState, info: SaveInfo, comm: Any) -> str | None:
+        """Every rank keeps its own pieces in its own memory (same world size on load)."""
+        comm.barrier()
+        return self.save(state, info)
 
     def load(self, ref: str) -> TrainState:
         import copy

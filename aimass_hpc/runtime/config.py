@@ -35,6 +35,16 @@ class TrainParams:
     shuffle: bool = True
     num_workers: int = 0
     device: str = "auto"
+    # FSDP backend only (aimass_hpc.runtime.fsdp): shard units by module class name (empty:
+    # every module holding parameters), bf16 compute ("auto": on GPUs only), recompute
+    # activations in backward, keep sharded parameters and optimizer state on the CPU.
+    fsdp_wrap: list[str] = field(default_factory=list)
+    mixed_precision: str = "auto"
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+    # Checkpoints written and committed in a background thread; the step loop only waits
+    # for the snapshot to host memory (aimass_hpc.runtime.checkpoint.PendingSave).
+    async_checkpoint: bool = False
 
 
 @dataclass
@@ -62,6 +72,9 @@ class RunConfig:
     # versions always stay); None keeps them all. Spec [train] keep_checkpoints, else the
     # site's training.keep_checkpoints.
     keep_checkpoints: int | None = None
+    # Another run directory whose newest checkpoint this run starts from when it has none of
+    # its own (resume with another world size: a new job, same model). `--resume-from`.
+    resume_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

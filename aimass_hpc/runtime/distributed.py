@@ -23,7 +23,7 @@ from torch import nn
 
 from aimass_hpc.runtime.env import WorldInfo, gpu_index
 
-BACKENDS = ("torch", "horovod")
+BACKENDS = ("torch", "horovod", "fsdp")
 
 
 def pick_device(world: WorldInfo, want: str = "auto") -> torch.device:
@@ -41,6 +41,9 @@ class Backend:
     """Collectives the runtime needs. Subclasses implement them for one library."""
 
     name = "local"
+    # True where parameters are sharded over ranks (FSDP): checkpoints are then saved by
+    # every rank in parallel, and the model is called collectively (all ranks or none).
+    sharded = False
 
     def __init__(self, world: WorldInfo, device: torch.device) -> None:
         self.world = world
@@ -114,9 +117,19 @@ class TorchBackend(Backend):
         kwargs: dict[str, Any] = {}
         if device.type == "cuda":
             kwargs["device_id"] = device
+        init_method = f"tcp://{world.master_addr}:{world.master_port}"
+        if not world.distributed:
+            # A world of one (FSDP on one rank) needs no port: two such runs on one host
+            # must not meet at the default one.
+            import tempfile
+
+            fd, store = tempfile.mkstemp(prefix="aimass-pg-")
+            os.close(fd)
+            os.unlink(store)
+            init_method = f"file://{store}"
         dist.init_process_group(
             backend=backend,
-            init_method=f"tcp://{world.master_addr}:{world.master_port}",
+            init_method=init_method,
             rank=world.rank,
             world_size=world.world_size,
             timeout=_dt.timedelta(seconds=timeout_s),
@@ -158,6 +171,42 @@ class TorchBackend(Backend):
     def shutdown(self) -> None:
         if self._dist.is_initialized():
             self._dist.destroy_process_group()
+
+
+class FSDPBackend(TorchBackend):
+    """torch.distributed with FSDP2: parameters, gradients and optimizer state sharded.
+
+    The process group is the torch backend's (NCCL on GPUs, Gloo on CPUs). ``wrap_optimizer``
+    shards the model (see :mod:`aimass_hpc.runtime.fsdp`) and points the optimizer at the
+    sharded parameters; ``wrap_model`` then returns the same, already sharded module.
+    """
+
+    name = "fsdp"
+    sharded = True
+
+    def __init__(
+        self, world: WorldInfo, device: torch.device, timeout_s: float, options: Any = None
+    ) -> None:
+        from aimass_hpc.runtime.fsdp import FSDPOptions
+
+        super().__init__(world, device, timeout_s)
+        self.options = options or FSDPOptions()
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        from aimass_hpc.runtime.fsdp import shard_model
+
+        return shard_model(model, self.device, self.options)
+
+    def wrap_optimizer(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module
+    ) -> torch.optim.Optimizer:
+        from aimass_hpc.runtime.fsdp import is_sharded, param_names, rebuild_param_groups
+
+        if not is_sharded(model):
+            before = param_names(model)
+            self.wrap_model(model)
+            rebuild_param_groups(optimizer, before, model)
+        return optimizer
 
 
 class HorovodBackend(Backend):
@@ -298,18 +347,27 @@ def _prepare_horovod_gloo(world: WorldInfo, timeout_s: float = 120.0) -> None:
 
 
 def connect(
-    backend: str, world: WorldInfo, *, device: str = "auto", timeout_s: float = 600.0
+    backend: str,
+    world: WorldInfo,
+    *,
+    device: str = "auto",
+    timeout_s: float = 600.0,
+    fsdp: Any = None,
 ) -> Backend:
-    """Initialise ``backend`` ("torch" or "horovod") for ``world`` and return it.
+    """Initialise ``backend`` ("torch", "horovod" or "fsdp") for ``world`` and return it.
 
     A single-process world with the torch backend skips the process group entirely;
-    Horovod is always initialised when asked for (``hvd.init`` works with one rank).
+    Horovod is always initialised when asked for (``hvd.init`` works with one rank), and so
+    is FSDP (a world of one is a valid mesh; the checkpoints keep their sharded form).
+    ``fsdp``: :class:`~aimass_hpc.runtime.fsdp.FSDPOptions` for the fsdp backend.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     dev = pick_device(world, device)
     if backend == "horovod":
         return HorovodBackend(world, dev)
+    if backend == "fsdp":
+        return FSDPBackend(world, dev, timeout_s, fsdp)
     if not world.distributed:
         return LocalBackend(world, dev)
     return TorchBackend(world, dev, timeout_s)

@@ -21,8 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from aimass_hpc.runtime import model_stats, preempt, rng
-from aimass_hpc.runtime.checkpoint import CheckpointStore, SaveInfo, TrainState
+from aimass_hpc.runtime import model_stats, preempt, rng, sharded
+from aimass_hpc.runtime.checkpoint import (
+    CheckpointStore,
+    PendingSave,
+    RepositoryStore,
+    SaveInfo,
+    TrainState,
+    shard_key,
+)
 from aimass_hpc.runtime.config import TrainParams
 from aimass_hpc.runtime.distributed import Backend, LocalBackend
 from aimass_hpc.runtime.env import WorldInfo
@@ -190,6 +197,9 @@ class Trainer:
         self._epoch_batches = 0
         self.last_metrics: dict[str, float] = {}
         self.checkpoint_ref: str | None = None
+        self._pending: PendingSave | None = None
+        # Seconds the step loop was blocked by each checkpoint (benchmarks/bench_ckpt.py).
+        self.checkpoint_stalls: list[float] = []
 
     # ----------------------------------------------------------------------------- state
 
@@ -197,10 +207,18 @@ class Trainer:
         """This rank's view of the training state (RNG states of all ranks gathered)."""
         rng_states = self.backend.allgather_object(rng.capture())
         epoch, batch = self.sampler.position(self.step)
+        global_samples = self.step * self.params.batch_size
         extra = {
             "step": self.step,
             "total_steps": self.total_steps,
-            "sampler": {"epoch": epoch, "batch": batch, "seed": self.params.seed},
+            # The data position rule: the step (= global samples consumed / global batch) is
+            # what is kept; each rank's share is re-derived for the world size that resumes.
+            "sampler": {
+                "epoch": epoch,
+                "batch": batch,
+                "seed": self.params.seed,
+                "global_samples": global_samples,
+            },
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_states,
             "world_size": self.backend.world_size,
@@ -208,6 +226,9 @@ class Trainer:
             "epoch_batches": self._epoch_batches,
             "metrics": dict(self.last_metrics),
         }
+        if self.backend.sharded:
+            model, optimizer, layout = sharded.local_state(self.model, self.optimizer)
+            return TrainState(model=model, optimizer=optimizer, extra=extra, layout=layout)
         return TrainState(
             model=_cpu(self.model.state_dict()),
             optimizer=_cpu(self.optimizer.state_dict()),
@@ -238,10 +259,31 @@ class Trainer:
         """Load this run's newest checkpoint if there is one (rank 0 reads, all receive)."""
         if self.store is None:
             return None
+        if self.backend.sharded:
+            return self._resume_sharded()
         state = self.store.latest() if self.is_main else None
         state = self.backend.broadcast_object(state) if self.backend.world_size > 1 else state
         if state is None:
             return None
+        self.load_state(state)
+        return state.ref
+
+    def _resume_sharded(self) -> str | None:
+        """Every rank reads its own region of each tensor of the newest checkpoint.
+
+        The checkpoint may come from another world size: each rank asks for the slices
+        its own shard covers (resharding), see :mod:`aimass_hpc.runtime.sharded`.
+        """
+        assert self.store is not None
+        ref = self.store.latest_ref() if self.is_main else None
+        ref = self.backend.broadcast_object(ref) if self.backend.world_size > 1 else ref
+        if ref is None:
+            return None
+        targets = sharded.Targets(self.model, self.optimizer)
+        state = self.store.load_resharded(ref, targets.select)
+        for name, entry in (state.layout or {}).items():  # in-memory store: same world
+            targets.select(name, tuple(entry["global_shape"]))
+        state.model, state.optimizer = targets.restore(state.model, state.optimizer)
         self.load_state(state)
         return state.ref
 
@@ -259,9 +301,60 @@ class Trainer:
             tags=self.tags,
         )
 
-    def save(self) -> str | None:
-        """Checkpoint now (collective: every rank contributes its RNG state); rank 0 writes."""
+    def _finish_pending(self) -> None:
+        """Wait for the background checkpoint, if one is being written."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        ref = pending.wait()
+        if ref:
+            self.checkpoint_ref = ref
+            self.metrics.log("event", event="checkpoint", step=pending.step, ref=ref)
+
+    def save(self, *, wait: bool = False) -> str | None:
+        """Checkpoint now (collective: every rank contributes its RNG state); rank 0 writes.
+
+        With ``async_checkpoint`` (and a repository) only the snapshot to host memory happens
+        here; the write and the commit run in the background and this returns None. A save
+        first waits for the previous background one; ``wait`` makes this one synchronous
+        (the end of training, a stop signal: the save completes before the job exits).
+        """
+        started = time.perf_counter()
+        try:
+            return self._save(wait)
+        finally:
+            self.checkpoint_stalls.append(time.perf_counter() - started)
+
+    def _save(self, wait: bool) -> str | None:
+        self._finish_pending()
         state = self.state()
+        if self.params.async_checkpoint and not wait and isinstance(self.store, RepositoryStore):
+            info = self._info("checkpoint")
+            store = self.store
+            if self.backend.sharded:
+                key = shard_key(self.step) if self.is_main else None
+                key = self.backend.broadcast_object(key)
+                rank, world = self.backend.rank, self.backend.world_size
+
+                def job() -> str | None:
+                    return store.save_pieces_then_commit(state, info, key, rank, world, 600.0)
+
+            elif self.is_main:
+
+                def job() -> str | None:
+                    return store.save(state, info)
+
+            else:
+                return None
+            self._pending = PendingSave(job, self.step)
+            return None
+        if self.backend.sharded and self.store is not None:
+            # Every rank writes its own pieces at once; rank 0 commits the set.
+            ref = self.store.save_sharded(state, self._info("checkpoint"), self.backend)
+            self.checkpoint_ref = ref
+            if self.is_main:
+                self.metrics.log("event", event="checkpoint", step=self.step, ref=ref)
+            return ref
         if not self.is_main or self.store is None:
             return None
         ref = self.store.save(state, self._info("checkpoint"))
@@ -273,7 +366,12 @@ class Trainer:
         """The final model (weights, metrics, recipe, lineage) as a new version; rank 0 only.
 
         Idempotent across restarts: a run that already saved its final model reuses it.
+        With a sharded backend (FSDP) it is collective and saved in parallel, one piece per
+        rank; it loads unsharded (``ModelRepository.load``) for serving and export.
         """
+        self._finish_pending()
+        if self.backend.sharded:
+            return self._save_final_sharded()
         if not self.is_main or self.store is None:
             return None
         existing = self.store.latest_ref("final")
@@ -296,6 +394,27 @@ class Trainer:
         )
         return self.store.save(TrainState(model=weights), info)
 
+    def _save_final_sharded(self) -> str | None:
+        if self.store is None:
+            return None
+        existing = self.store.latest_ref("final") if self.is_main else None
+        existing = self.backend.broadcast_object(existing)
+        if existing:
+            return existing if self.is_main else None
+        model, _, layout = sharded.local_state(self.model, None)
+        info = self._info("final")
+        # FLOPs and peak memory need a forward of the whole model on one rank: not measured
+        # for sharded models (the model type needs no forward).
+        info.model_type = model_stats.model_type_of(
+            declared=self.task.model_type,
+            recipe=self.recipe,
+            loss=self.task.loss,
+            model=self.model,
+            sample=model_stats.sample_from_dataset(self.task.train),
+        )
+        ref = self.store.save_sharded(TrainState(model=model, layout=layout), info, self.backend)
+        return ref if self.is_main else None
+
     # ------------------------------------------------------------------------------ loop
 
     def evaluate(self) -> dict[str, float]:
@@ -308,8 +427,17 @@ class Trainer:
         sums = torch.zeros(len(names) + 1, dtype=torch.float64)
         self.model.eval()
         step = max(1, self.sampler.local_batch_size)
+        starts = list(range(shard.start, shard.stop, step))
+        rounds = len(starts)
+        if self.backend.sharded:
+            # A sharded forward is collective: every rank runs as many as the busiest one.
+            rounds = self.backend.allreduce_max(rounds)
         with torch.no_grad():
-            for start in range(shard.start, shard.stop, step):
+            for i in range(rounds):
+                if i >= len(starts):
+                    self.model(_to(source.fetch(torch.arange(1)), self.device)[0])
+                    continue
+                start = starts[i]
                 idx = torch.arange(start, min(start + step, shard.stop))
                 x, y = _to(source.fetch(idx), self.device)
                 out = self.model(x)
@@ -349,7 +477,7 @@ class Trainer:
         if not at_end:
             if not self.last_metrics or self._epoch_batches:
                 self._epoch_end(self.sampler.position(self.step - 1)[0])
-            self.save()
+            self.save(wait=True)
         final = self.save_final()
         self.metrics.log("event", event="done", step=self.step, ref=final)
         self.metrics.flush()
@@ -444,7 +572,8 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
                 if stop or (every and self.step % every == 0):
-                    self.save()
+                    # At a stop signal the pending save completes and this one is synchronous.
+                    self.save(wait=bool(stop))
                     last_t = time.perf_counter()  # don't count the checkpoint as a slow step
                 if stop == preempt.STOP_WARN and not self.requeue_allowed:
                     # No restart left: keep the checkpoint just made and train on; the job
@@ -456,6 +585,7 @@ class Trainer:
                     break
             if stop:
                 break
+        self._finish_pending()
         if self.step >= self.total_steps:
             return self._complete(resumed)
         self.metrics.log("event", event="stopped", step=self.step, signals=preempt.received())
