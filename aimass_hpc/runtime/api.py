@@ -390,33 +390,25 @@ class Job:
         """
         full_recipe = self._full_recipe(recipe) if recipe is not None else None
         hparams = {**self._hyperparameters, **dict(hyperparameters or {})}
+        info = SaveInfo(
+            kind="final",
+            metrics=dict(metrics or {}),
+            hyperparameters=hparams,
+            recipe=full_recipe,
+            run=lineage(self.config, self.world, -1),
+            tags=list(self.config.tags),
+            model_type=model_type,
+        )
         ref = None
         if self.backend.sharded:
-            # Sharded final model (one piece per rank); FLOPs/peak memory are not measured.
-            info = SaveInfo(
-                kind="final",
-                metrics=dict(metrics or {}),
-                hyperparameters=hparams,
-                recipe=full_recipe,
-                run=lineage(self.config, self.world, -1),
-                tags=list(self.config.tags),
-                model_type=model_type,
-            )
+            # Sharded final model (one piece per rank); FLOPs/peak memory are not measured:
+            # that would need the whole model's forward on one rank.
             ref = self._save_sharded(-1, model, None, None, None, True, info=info)
         elif self.is_main and self.store is not None:
             module = _unwrap(model)
             weights = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-            flops, peak = _measure(module, full_recipe, self.device)
-            info = SaveInfo(
-                kind="final",
-                metrics=dict(metrics or {}),
-                hyperparameters=hparams,
-                recipe=full_recipe,
-                run=lineage(self.config, self.world, -1),
-                tags=list(self.config.tags),
-                flops_per_sample=flops,
-                peak_memory_bytes=peak,
-                model_type=model_type,
+            info.flops_per_sample, info.peak_memory_bytes = _measure(
+                module, full_recipe, self.device
             )
             ref = self.store.save(TrainState(model=weights), info)
         if self.is_main:

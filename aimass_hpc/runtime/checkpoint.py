@@ -309,15 +309,7 @@ class RepositoryStore(CheckpointStore):
             state.model,
             optimizer=state.optimizer,
             extra=state.extra or None,
-            metrics=info.metrics or None,
-            tags=[info.kind, *info.tags],
-            parent=parent,
-            hyperparameters=info.hyperparameters or None,
-            recipe=info.recipe,
-            run=info.run or None,
-            flops_per_sample=info.flops_per_sample,
-            peak_memory_bytes=info.peak_memory_bytes,
-            model_type=info.model_type,
+            **_version_metadata(info, parent),
         )
         return str(version.ref)
 
@@ -351,15 +343,7 @@ class RepositoryStore(CheckpointStore):
             key,
             world_size=world,
             wait_s=wait_s,
-            metrics=info.metrics or None,
-            tags=[info.kind, *info.tags],
-            parent=parent,
-            hyperparameters=info.hyperparameters or None,
-            recipe=info.recipe,
-            run=info.run or None,
-            flops_per_sample=info.flops_per_sample,
-            peak_memory_bytes=info.peak_memory_bytes,
-            model_type=info.model_type,
+            **_version_metadata(info, parent),
         )
         return str(version.ref)
 
@@ -412,3 +396,18 @@ class MemoryStore(CheckpointStore):
         state = copy.deepcopy(self.saved[ref][0])
         state.ref = ref
         return state
+
+
+def _version_metadata(info: SaveInfo, parent: str | None) -> dict[str, Any]:
+    """What a saved version records besides its tensors: one mapping for whole and sharded."""
+    return {
+        "metrics": info.metrics or None,
+        "tags": [info.kind, *info.tags],
+        "parent": parent,
+        "hyperparameters": info.hyperparameters or None,
+        "recipe": info.recipe,
+        "run": info.run or None,
+        "flops_per_sample": info.flops_per_sample,
+        "peak_memory_bytes": info.peak_memory_bytes,
+        "model_type": info.model_type,
+    }
