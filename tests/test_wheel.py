@@ -52,6 +52,15 @@ def test_pyproject_lists_every_package():
         if "__pycache__" not in p.parts
     }
     listed = set(setuptools_cfg["packages"])
+    # Folders of data inside the package (no __init__.py), named in package-data.
+    data_only = {
+        name
+        for name in setuptools_cfg["package-data"]
+        if name not in DATA_PACKAGES
+        and not (ROOT / name.replace(".", "/") / "__init__.py").exists()
+        and (ROOT / name.replace(".", "/")).is_dir()
+    }
+    listed -= data_only
     assert listed - set(DATA_PACKAGES) == found, (
         "pyproject.toml [tool.setuptools] packages differs from the checkout: "
         f"missing {sorted(found - listed)}, stale {sorted(listed - found - set(DATA_PACKAGES))}"
@@ -162,6 +171,8 @@ def test_wheel_carries_the_data_folders(fresh: Fresh):
         assert (installed / "job_templates" / name).is_file(), name
     for name in ("dev.toml", "local.toml", "example-hpc.toml", "README.md"):
         assert (installed / "site_configs" / name).is_file(), name
+    for name in ("templates/jobs.html", "templates/models.html", "static/dashboard.js"):
+        assert (installed / "dashboard" / name).is_file(), name
     # Data only: the checkout folders do not become top-level packages of site-packages.
     assert not (fresh.site_packages / "job_templates").exists()
     assert not (fresh.site_packages / "site_configs").exists()
