@@ -362,6 +362,14 @@ class Search(_Model):
     partition: SlurmName | None = None
 
 
+class Dashboard(_Model):
+    """``aimass dashboard`` on this site."""
+
+    admins: list[SlurmName] = Field(
+        default_factory=list, description="users who see every user's jobs (besides --admin)"
+    )
+
+
 class Site(_Model):
     """A whole site config. ``source`` is the file it came from (not a TOML key)."""
 
@@ -394,6 +402,7 @@ class Site(_Model):
     training: Training = Field(default_factory=Training)
     serving: Serving = Field(default_factory=Serving)
     search: Search = Field(default_factory=Search)
+    dashboard: Dashboard = Field(default_factory=Dashboard)
     source: str | None = Field(None, exclude=True, description="set by the loader")
 
     @field_validator("python")

@@ -95,7 +95,8 @@ def create_app(
     """
     base = normalize_base_url(base_url)
     auth = auth or Auth()
-    jobs = JobsView(site, viewer, admins)
+    # The site's admins ([dashboard] admins) and those named on the command line.
+    jobs = JobsView(site, viewer, [*site.dashboard.admins, *admins])
     repo = ModelRepository(repo_path or site.models_root)
     models = ModelsView(repo)
     templates = Environment(
