@@ -19,7 +19,7 @@ from aimass_hpc.common.errors import InputError, NotFoundError
 from aimass_hpc.common.slurm_cli import is_job_ref
 from aimass_hpc.common.timelimit import format_elapsed
 from aimass_hpc.config.site import Site, load_site
-from aimass_hpc.launch.failure_report import Outcome, job_outcome, rank_lines
+from aimass_hpc.launch.failure_report import Outcome, rank_lines, settled_outcome
 from aimass_hpc.launch.runs import RunDir, find_run, list_runs
 from aimass_hpc.launch.scheduler import JobState, JobStatus, check_answered, get_scheduler
 from aimass_hpc.runtime.metrics import summarize
@@ -147,14 +147,15 @@ def submit(
     if not as_json:
         click.echo(f"Submitted job {sub.job_id} ({sub.run_dir.path}); waiting...", err=True)
     assert sub.job_id is not None
-    final = get_scheduler(site_obj).wait([sub.job_id])[sub.job_id]
+    finals = {sub.job_id: get_scheduler(site_obj).wait([sub.job_id])[sub.job_id]}
+    runs = {sub.job_id: sub.run_dir}
+    outcomes = _outcomes(finals, runs)
     if as_json:
-        runs = {sub.job_id: sub.run_dir}
-        shown = json.loads(_status_json({sub.job_id: final}, runs))[0]
+        shown = json.loads(_status_json(finals, runs, outcomes))[0]
         click.echo(json.dumps({**sub.to_dict(), "status": shown}, indent=2))
     else:
-        _print_table({sub.job_id: final}, {sub.job_id: sub.run_dir})
-    sys.exit(0 if _all_ok({sub.job_id: final}, {sub.job_id: sub.run_dir}) else 1)
+        _print_table(finals, runs, outcomes)
+    sys.exit(0 if _all_ok(outcomes) else 1)
 
 
 def _resolve_refs(site_obj: Site, refs: tuple[str, ...]) -> tuple[list[str], dict[str, RunDir]]:
@@ -212,17 +213,12 @@ def _progress_text(run: RunDir | None) -> str | None:
 def _outcomes(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> dict[str, Outcome]:
     """What each job's status shows, corrected by its run directory (result.json, logs); a
     finished job's outcome is recorded in its run directory's state.json."""
-    out: dict[str, Outcome] = {}
-    for job_id, st in statuses.items():
-        run = runs.get(job_id)
-        out[job_id] = outcome = job_outcome(st, run)
-        if run is not None and st.is_terminal:
-            run.record_outcome(outcome.to_dict())
-    return out
+    return {job_id: settled_outcome(st, runs.get(job_id)) for job_id, st in statuses.items()}
 
 
-def _print_table(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> None:
-    outcomes = _outcomes(statuses, runs)
+def _print_table(
+    statuses: dict[str, JobStatus], runs: dict[str, RunDir], outcomes: dict[str, Outcome]
+) -> None:
     table = Table("id", "name", "state", "elapsed", "nodes", "progress", "reason")
     for job_id, st in statuses.items():
         run = runs.get(job_id)
@@ -259,8 +255,9 @@ def _print_table(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> Non
             console.print(Text("\n".join(f"  {line}" for line in failure.traceback)))
 
 
-def _status_json(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> str:
-    outcomes = _outcomes(statuses, runs)
+def _status_json(
+    statuses: dict[str, JobStatus], runs: dict[str, RunDir], outcomes: dict[str, Outcome]
+) -> str:
     out = []
     for job_id, st in statuses.items():
         data = st.to_dict()
@@ -282,9 +279,9 @@ def _status_json(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> str
     return json.dumps(out, indent=2)
 
 
-def _all_ok(statuses: dict[str, JobStatus], runs: dict[str, RunDir]) -> bool:
+def _all_ok(outcomes: dict[str, Outcome]) -> bool:
     """Every job ended COMPLETED and no run says otherwise (exit 0 of wait / --wait)."""
-    return all(job_outcome(st, runs.get(job_id)).ok for job_id, st in statuses.items())
+    return all(outcome.ok for outcome in outcomes.values())
 
 
 @click.command()
@@ -308,10 +305,11 @@ def status(jobs: tuple[str, ...], site_ref: str | None, last: int, as_json: bool
                 runs[job_id] = run
         ids = list(runs)
     statuses = get_scheduler(site_obj).status(ids) if ids else {}
+    outcomes = _outcomes(statuses, runs)
     if as_json:
-        click.echo(_status_json(statuses, runs))
+        click.echo(_status_json(statuses, runs, outcomes))
     elif statuses:
-        _print_table(statuses, runs)
+        _print_table(statuses, runs, outcomes)
     else:
         click.echo(f"no submitted runs under {site_obj.runs_root}")
     # Exit 5 when accounting failed for a job (it may have run), 3 for an id nobody knows
@@ -339,11 +337,12 @@ def wait(jobs: tuple[str, ...], site_ref: str | None, timeout: float | None, as_
     scheduler = get_scheduler(site_obj)
     check_answered(scheduler.status(ids))
     final = scheduler.wait(ids, timeout)
+    outcomes = _outcomes(final, runs)
     if as_json:
-        click.echo(_status_json(final, runs))
+        click.echo(_status_json(final, runs, outcomes))
     else:
-        _print_table(final, runs)
-    sys.exit(0 if _all_ok(final, runs) else 1)
+        _print_table(final, runs, outcomes)
+    sys.exit(0 if _all_ok(outcomes) else 1)
 
 
 @click.command()

@@ -139,7 +139,7 @@ def _wait(site: Any, job_id: str | None, run_dir: Path, console: Console) -> dic
     from rich.text import Text
 
     from aimass_hpc.common.fsutil import read_json
-    from aimass_hpc.launch.failure_report import job_outcome
+    from aimass_hpc.launch.failure_report import settled_outcome
     from aimass_hpc.launch.runs import RunDir
     from aimass_hpc.launch.scheduler import get_scheduler
 
@@ -147,8 +147,7 @@ def _wait(site: Any, job_id: str | None, run_dir: Path, console: Console) -> dic
     with console.status(f"waiting for job {job_id}"):
         final = get_scheduler(site).wait([job_id])[job_id]
     # What happened, not only Slurm's word: a run whose result.json says failed is FAILED.
-    outcome = job_outcome(final, RunDir(run_dir))
-    RunDir(run_dir).record_outcome(outcome.to_dict())
+    outcome = settled_outcome(final, RunDir(run_dir))
     out: dict[str, Any] = {
         "state": outcome.state,
         "scheduler_state": final.state.value,

@@ -24,7 +24,7 @@ from aimass_hpc.common.errors import AimassError, InputError, NotFoundError
 from aimass_hpc.common.slurm_cli import run_command, submission_env
 from aimass_hpc.common.slurm_states import JobState
 from aimass_hpc.config.site import Site
-from aimass_hpc.launch.failure_report import job_outcome, rank_lines
+from aimass_hpc.launch.failure_report import rank_lines, settled_outcome
 from aimass_hpc.launch.runs import RunDir, list_runs
 from aimass_hpc.launch.scheduler import JobStatus, get_scheduler
 from aimass_hpc.runtime.metrics import read_metrics, summarize
@@ -171,9 +171,7 @@ class JobsView:
     def _shown(st: JobStatus, row: Row) -> dict[str, Any]:
         """A status corrected by the run directory (result.json, logs), as ``aimass status``
         shows it; an ended job's outcome is recorded in its ``state.json``."""
-        outcome = job_outcome(st, row.run)
-        if st.is_terminal:
-            row.run.record_outcome(outcome.to_dict())
+        outcome = settled_outcome(st, row.run)
         return {
             "state": outcome.state,
             "reason": outcome.reason,

@@ -317,6 +317,15 @@ def job_outcome(status: JobStatus, run: RunDir | None) -> Outcome:
     return Outcome(state, reason, status.state.value, result_status, failure)
 
 
+def settled_outcome(status: JobStatus, run: RunDir | None) -> Outcome:
+    """:func:`job_outcome`; an ended job's outcome is also recorded in its run directory
+    (``state.json``, written only when it changed)."""
+    outcome = job_outcome(status, run)
+    if run is not None and status.is_terminal:
+        run.record_outcome(outcome.to_dict())
+    return outcome
+
+
 def _log_failure(run: RunDir, task: int | None = None) -> RankFailure | None:
     log = run.log_file(task=task)
     if log is None:
