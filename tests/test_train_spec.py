@@ -259,3 +259,12 @@ def test_nul_cr_and_newline_name_the_field(tmp_path: Path, old: str, new: str, p
     with pytest.raises(InputError) as err:
         load_train_spec(write_spec(tmp_path, BASE.replace(old, new)))
     assert f": {path}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fsdp_wrap_names_python_classes(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        '[task]\nref = "m:f"\n[train]\nfsdp_wrap = ["Block", "Lin\\near"]\n[model]\nname = "m"\n'
+    )
+    with pytest.raises(InputError, match=r"train\.fsdp_wrap\[1\]: .* is not a valid class name"):
+        load_train_spec(spec)

@@ -191,6 +191,7 @@ SHARD_KEY = Rule(
 PARAM_NAME = Rule(
     "parameter name", r"[A-Za-z_][A-Za-z0-9_.\-]*", f"letters, digits, _ . -, {_NO_DIGIT_FIRST}"
 )
+CLASS_NAME = Rule("class name", r"[A-Za-z_][A-Za-z0-9_]*", f"letters, digits, _, {_NO_DIGIT_FIRST}")
 TASK_REF = Rule(
     "task reference", r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*", "module:function (ASCII)"
 )
@@ -234,6 +235,7 @@ ModelName = Annotated[str, AfterValidator(MODEL_NAME.validate)]
 AliasName = Annotated[str, AfterValidator(ALIAS_NAME.validate)]
 ParamName = Annotated[str, AfterValidator(PARAM_NAME.validate)]
 TaskRef = Annotated[str, AfterValidator(TASK_REF.validate)]
+ClassName = Annotated[str, AfterValidator(CLASS_NAME.validate)]
 MemSize = Annotated[str, AfterValidator(MEM_SIZE.validate)]
 Dependency = Annotated[str, AfterValidator(DEPENDENCY.validate)]
 ArrayRange = Annotated[str, AfterValidator(ARRAY_RANGE.validate)]

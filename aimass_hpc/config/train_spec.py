@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from aimass_hpc.common.errors import InputError
 from aimass_hpc.common.names import (
+    ClassName,
     Constraint,
     EnvName,
     MemSize,
@@ -115,7 +116,7 @@ class TrainSection(_Strict):
     shuffle: bool = True
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    fsdp_wrap: list[Text] = Field(
+    fsdp_wrap: list[ClassName] = Field(
         default_factory=list,
         description="backend fsdp: module class names sharded as units (default: every "
         "module holding parameters)",
