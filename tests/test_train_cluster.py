@@ -287,6 +287,38 @@ def test_time_limit_warning_requeues_and_finishes_with_identical_weights(
     assert bit_identical(final_weights(site, run_dir), reference_weights)
 
 
+SLOW_MODULES = """# A module system that takes 42 s to load, on the first attempt only.
+module() { :; }
+if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then sleep 42; fi
+"""
+
+
+def test_a_warning_due_before_the_ranks_listen_still_requeues(tmp_path: Path) -> None:
+    # A 50 s warning on a 1-minute limit is due 10 s in; Slurm sends it at its next limit check
+    # (every 30 s), so within 40 s: while the batch script still loads its (slow) modules,
+    # before any rank exists. The batch shell survives it, and rank 0, once listening, finds
+    # the warning due (18 s left) and stops at the first step: checkpoint, requeue, finish.
+    init = tmp_path / "slow-modules.sh"
+    init.write_text(SLOW_MODULES)
+    site = write_site(
+        tmp_path,
+        "dev",
+        preemption={"signal": "USR1", "grace_seconds": 50, "max_restarts": 1},
+        modules={"system": "lmod", "init": str(init)},
+    )
+    text = spec_text("pre-early", nodes=1, epochs=1, time_limit="00:01:00")
+    job_id, run_dir = submit(site, tmp_path, text)
+    final = wait(site, [job_id], timeout=600)[job_id]
+    assert final.state.value == "COMPLETED", logs(run_dir)
+    first = (run_dir / "logs" / "restart-0.log").read_text()
+    assert "the time-limit warning was due before this rank listened" in first, first
+    stops = [json.loads(x) for x in (run_dir / "preemptions.jsonl").read_text().splitlines()]
+    assert stops[0]["signals"] == ["SIGUSR1"] and stops[0]["requeued"], stops
+    assert final.restart_count >= 1
+    resumed = [r for r in read_metrics(run_dir) if r["kind"] == "event" and r["event"] == "resume"]
+    assert resumed and resumed[0]["step"] >= 1
+
+
 # --------------------------------------------------------------------------- failures & scripts
 
 CRASHING_TASK = """

@@ -14,21 +14,25 @@ puts the job back in the queue, ``scancel`` ends it), so we only checkpoint.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from aimass_hpc.common import slurm_cli
 from aimass_hpc.common.errors import AimassError, InputError, NotFoundError
+from aimass_hpc.common.timelimit import parse_elapsed
 
 DEFAULT_SIGNALS: tuple[str, ...] = ("USR1", "TERM")
 
 # Flag state lives at module level: a signal handler must not allocate much or take locks.
 _received: list[tuple[int, float]] = []
 _installed: dict[int, object] = {}
+_caught_up: list[threading.Thread] = []  # at most one check of the time left per process
 
 
 def _handler(signum: int, frame: object) -> None:
@@ -52,7 +56,55 @@ def install(signals: Iterable[str | int] = DEFAULT_SIGNALS) -> list[int]:
         previous = signal.signal(num, _handler)
         if num not in _installed:
             _installed[num] = previous
+    catch_up()
     return numbers
+
+
+def catch_up(env: Mapping[str, str] | None = None, *, squeue: str = "squeue") -> None:
+    """Act on a time-limit warning that came before this process listened for it.
+
+    A training rank starts with the warning ignored (job.j2 does that, and says so with
+    ``$AIMASS_HOLD_WARNING``): Slurm may send it while the rank is still starting (a limit
+    close to the grace, a loaded node), and by default SIGUSR1 kills. Once the handler is
+    installed, rank 0 asks Slurm for the time left (in the background, off the start-up
+    path); within the grace (``$AIMASS_GRACE_SECONDS``) the warning was due already and is
+    recorded as received. The ranks' stop vote is a maximum, so rank 0's record is enough.
+    Once per process.
+    """
+    env = os.environ if env is None else env
+    if _caught_up or env.get("AIMASS_HOLD_WARNING") != "1" or env.get("SLURM_PROCID", "0") != "0":
+        return
+    job = slurm_cli.job_ref_from_env(env)
+    grace = slurm_cli.digits_or_none(env.get("AIMASS_GRACE_SECONDS"))
+    warning = env.get("AIMASS_PREEMPT_SIGNAL")
+    if job is None or grace is None or not warning:
+        return
+    try:
+        warn = parse_signal(warning)
+    except ValueError:
+        return
+    if warn not in _installed:
+        return
+    thread = threading.Thread(
+        target=_check_time_left, args=(job, grace, warn, squeue), daemon=True, name="time-left"
+    )
+    _caught_up.append(thread)
+    thread.start()
+
+
+def _check_time_left(job: str, grace: int, warn: int, squeue: str) -> None:
+    try:
+        proc = slurm_cli.run_command([squeue, "-h", "-j", job, "-o", "%L"], timeout=60)
+    except AimassError:
+        return  # no answer: the signal, if it comes, still finds the handler
+    left = parse_elapsed(proc.stdout.strip().splitlines()[0]) if proc.stdout.strip() else None
+    if proc.returncode == 0 and left is not None and left <= grace:
+        print(
+            f"aimass: the time-limit warning was due before this rank listened ({left} s left, "
+            f"grace {grace} s): acting on it now",
+            file=sys.stderr,
+        )
+        _received.append((warn, time.monotonic()))
 
 
 def reinstall() -> None:
