@@ -7,7 +7,8 @@ it) or without it (``/rnode/`` strips it); both are served.
 
 # No "from __future__ import annotations": FastAPI resolves the Annotated aliases that
 # create_app defines locally only when annotations are real objects.
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
@@ -28,6 +29,7 @@ from aimass_hpc.common.errors import (
     NotFoundError,
 )
 from aimass_hpc.config.site import Site
+from aimass_hpc.dashboard import cluster, searches, services, training, upload
 from aimass_hpc.dashboard.auth import COOKIE, CSRF_HEADER, Auth, Session
 from aimass_hpc.dashboard.jobs import STATES, JobsView
 from aimass_hpc.dashboard.models import ModelsView
@@ -77,6 +79,26 @@ class AliasBody(BaseModel):
 
 class VersionBody(BaseModel):
     version: int = Field(ge=1)
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What a page module's ``add_routes(app, ctx)`` needs to add its pages and APIs.
+
+    ``reader``/``writer`` are FastAPI dependency types (``_: ctx.reader`` as a parameter):
+    a logged-in session, and a logged-in session whose request carries the CSRF token.
+    ``page(template, request, page_name=..., **context)`` renders a page (or redirects to
+    the login). ``jobs`` knows which jobs the viewer may see and act on.
+    """
+
+    site: Site
+    viewer: str
+    base: str
+    jobs: JobsView
+    repo: ModelRepository
+    reader: Any
+    writer: Any
+    page: Callable[..., Response]
 
 
 def create_app(
@@ -285,6 +307,12 @@ def create_app(
     ) -> dict[str, Any]:
         """Delete a version; ``confirm`` must repeat ``NAME:VERSION``."""
         return models.delete(name, version, confirm, force)
+
+    # ------------------------------------------------------------------ other pages
+
+    ctx = Ctx(site, viewer, base, jobs, repo, Reader, Writer, page)
+    for module in (training, searches, services, cluster, upload):
+        module.add_routes(app, ctx)
 
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(StripBase, base=base)

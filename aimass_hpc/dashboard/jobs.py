@@ -76,7 +76,7 @@ class JobsView:
         """Every submitted run under the runs root, newest submission first (no scheduler
         call; the directory names only order runs to the second)."""
         out: list[tuple[float, Row]] = []
-        for run in list_runs(self.site.runs_root, limit=None):
+        for run in _all_runs(self.site.runs_root):
             try:
                 state = run.read_state()
             except AimassError:
@@ -350,3 +350,12 @@ def _size(path: Path) -> int:
 def _restart_of(path: Path) -> int | None:
     digits = path.stem.rsplit("-", 1)[-1]
     return int(digits) if digits.isdigit() else None
+
+
+def _all_runs(root: Path) -> list[RunDir]:
+    """The runs root's runs and its searches' trial runs (``searches/*/trials``)."""
+    runs = list_runs(root, limit=None)
+    with contextlib.suppress(OSError):
+        for search_dir in (root / "searches").iterdir():
+            runs += list_runs(search_dir / "trials", limit=None)
+    return runs

@@ -57,7 +57,7 @@ def plot_best_so_far(state: SearchState, direction: str, path: str | Path, title
     return path
 
 
-def _axis_position(space: Space | None, name: str, values: list[Any]) -> tuple[list[float], Any]:
+def axis_position(space: Space | None, name: str, values: list[Any]) -> tuple[list[float], Any]:
     """Map one parameter's values to [0, 1]; returns positions and (ticks, labels)."""
     param = space.params.get(name) if space is not None else None
     present = [v for v in values if v is not None]
@@ -101,11 +101,11 @@ def plot_parallel_coordinates(
     columns: list[list[float]] = []
     ticks = []
     for name in names:
-        pos, tk = _axis_position(space, name, [t.params.get(name) for t in done])
+        pos, tk = axis_position(space, name, [t.params.get(name) for t in done])
         columns.append(pos)
         ticks.append(tk)
     values = [float(t.value) for t in done]  # type: ignore[arg-type]
-    vpos, vtk = _axis_position(None, "objective", values)
+    vpos, vtk = axis_position(None, "objective", values)
     columns.append(vpos)
     ticks.append(vtk)
     labels = [*names, "objective"]
