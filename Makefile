@@ -4,12 +4,12 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS := train,serve,search,mpi,export,dashboard,dev
+EXTRAS := train,serve,search,mpi,export,dashboard,llm,dev
 PYTEST_ARGS ?=
 
-.PHONY: setup system venv horovod cluster demo test lint bench clean
+.PHONY: setup system venv horovod vllm cluster demo test lint bench clean
 
-setup: system venv horovod cluster
+setup: system venv horovod vllm cluster
 
 # Debian packages: Slurm, munge, MariaDB, OpenMPI, hdf5-tools, shellcheck, build tools.
 system:
@@ -28,6 +28,10 @@ $(VENV)/.installed: pyproject.toml | system
 # Horovod 0.28.1 built against torch 2.13 (C++17 patch); the wheel is cached outside the repo.
 horovod: venv
 	bash scripts/build-horovod $(VENV)
+
+# vLLM's CPU build in its own venv (.venv-vllm) for LLM services (site key serving.vllm.python).
+vllm: | system
+	bash scripts/setup-vllm .venv-vllm
 
 cluster: | system
 	bash scripts/dev-cluster up

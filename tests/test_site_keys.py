@@ -201,6 +201,10 @@ ROWS: list[tuple[dict[str, Any], dict[str, Any], Any]] = [
 
 # Keys whose effect other test files show (added by other work on the schema).
 ELSEWHERE = {
+    **{
+        f"serving.vllm.{key}": "tests/test_vllm_site.py"
+        for key in ("python", "module", "container", "args", "env")
+    },
     "training.keep_checkpoints": "tests of checkpoint retention",
     "dashboard.admins": "tests/test_dashboard_api.py::test_the_site_config_names_admins",
 }

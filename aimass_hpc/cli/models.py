@@ -802,6 +802,39 @@ def _import_stats(recipe: Any, state_dict: Any) -> dict[str, Any]:
         return {"model_type": declared} if declared in MODEL_TYPES else {}
 
 
+@models.command("import-hf")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=str))
+@click.argument("name")
+@click.option("--tag", "tags", multiple=True, help="Tag the new version (repeatable).")
+@click.option("--description", help="Free text shown by `models show`.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new version as JSON.")
+@pass_ctx
+def import_hf_cmd(
+    ctx: _Ctx,
+    directory: str,
+    name: str,
+    tags: tuple[str, ...],
+    description: str | None,
+    as_json: bool,
+) -> None:
+    """Store a Hugging Face model directory (config, tokenizer, *.safetensors) as a new
+    version of NAME, byte-exact; serve it with `aimass serve NAME:N --engine vllm`."""
+    from aimass_hpc.repo.hf import import_hf
+
+    repo = ctx.open(create=True)
+    v = import_hf(repo, directory, name, tags=list(tags), description=description)
+    if as_json:
+        _emit_json(v.to_dict())
+        return
+    r = v.recipe
+    click.echo(
+        f"imported {v.ref}: {', '.join(r['architectures']) or r['model_type']}, "
+        f"{_human_count(r['parameters'])} parameters, vocab {r['vocab_size']}, "
+        f"context {r['context_length']}, {len(r['files'])} files "
+        f"({_human_bytes(sum(f['size'] for f in r['files']))})"
+    )
+
+
 @models.command("gc")
 @click.option(
     "--grace",

@@ -6,7 +6,6 @@ The work is done by :mod:`aimass_hpc.launch.serving` (login-node orchestration) 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -17,7 +16,6 @@ from rich.table import Table
 
 from aimass_hpc.cli._options import site_option
 from aimass_hpc.cli._output import echo_dry_run, echo_submit_note
-from aimass_hpc.common.errors import InputError
 from aimass_hpc.serve.defaults import DEFAULTS
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON to stdout.")
@@ -155,6 +153,14 @@ def serve() -> None:
     show_default=True,
     help="Autoscale: seconds the slack must last before replicas are taken away.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["torch", "vllm"]),
+    default="torch",
+    show_default=True,
+    help="torch: the built-in server; vllm: a Hugging Face causal LM (aimass models "
+    "import-hf) behind vLLM's OpenAI-compatible API, tensor-parallel over --gpus.",
+)
 @click.option("--wait/--no-wait", "wait_", default=False, help="Wait until every replica is READY.")
 @click.option(
     "--timeout",
@@ -188,6 +194,7 @@ def start(
     target_ongoing: float,
     upscale_delay: float,
     downscale_delay: float,
+    engine: str,
     wait_: bool,
     timeout: float,
     dry_run: bool,
@@ -202,7 +209,7 @@ def start(
         ref=ref, replicas=replicas, gpus=gpus, cpus=cpus, time=time_limit,
         reservation=reservation, partition=partition, port=port, repo=repo,
         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batching=batching,
-        handover=handover, supervise=supervise,
+        handover=handover, supervise=supervise, engine=engine,
     )  # fmt: skip
     if check_interval is not None:
         opts.check_interval_s = check_interval
@@ -477,58 +484,32 @@ def bench(
     as_json: bool,
 ) -> None:
     """Load-test a service: throughput and latency percentiles under concurrent requests."""
-    import numpy as np
-
-    from aimass_hpc.serve.client import Client, encode_request
-    from aimass_hpc.serve.loadgen import run_load
+    from aimass_hpc.serve.bench import bench_service, parse_shape
+    from aimass_hpc.serve.client import Client
 
     runs_root = None
     if not target.startswith(("http://", "https://")):
         from aimass_hpc.config.site import load_site
 
         runs_root = load_site(site_ref).runs_root
-    with Client(target, runs_root=runs_root, token=token, retry_timeout=10) as client:
-        live = client.endpoints()
-        if not live:
-            raise InputError(f"no live replica of {target!r}")
-        info = client.models()[0]
-        dims = _parse_shape(shape) if shape else info.get("input_shape")
-        if not dims or any(d is None or d < 1 for d in dims):
-            raise InputError(f"the model's input shape is {dims}; give --shape, e.g. 3,32,32")
-        x = np.random.default_rng(0).standard_normal((batch, *dims))
-        x = x.astype(dtype or info.get("input_dtype") or "float32")
-        first = client.predict(x, binary=fmt == "npy")  # fails loudly on a bad shape
-    body, headers = encode_request(x, binary=fmt == "npy")
-    heads = [{**headers, **ep.headers} for ep in live]
+    dims = parse_shape(shape) if shape else None
     console = Console(stderr=as_json)
-    with Progress(
-        TextColumn("[bold]load"), BarColumn(), TextColumn("{task.fields[ok]} ok"),
-        TimeRemainingColumn(), console=console, transient=True,
-    ) as bar:  # fmt: skip
+    with (
+        Client(target, runs_root=runs_root, token=token, retry_timeout=10) as client,
+        Progress(
+            TextColumn("[bold]load"), BarColumn(), TextColumn("{task.fields[ok]} ok"),
+            TimeRemainingColumn(), console=console, transient=True,
+        ) as bar,
+    ):  # fmt: skip
         task = bar.add_task("load", total=1.0, ok=0)
-        result = asyncio.run(
-            run_load(
-                [ep.url for ep in live], body, heads, concurrency=concurrency,
-                duration_s=duration, warmup_s=1.0, rows_per_request=batch,
+        report = {
+            "target": target,
+            **bench_service(
+                client, batch=batch, shape=dims, dtype=dtype, concurrency=concurrency,
+                duration=duration, binary=fmt == "npy",
                 progress=lambda frac, ok: bar.update(task, completed=frac, ok=ok),
-            )
-        )  # fmt: skip
-    report = {
-        "target": target,
-        "replicas": len(live),
-        "model": info.get("name"),
-        "version": info.get("version"),
-        "input_shape": [batch, *dims],
-        "output_shape": list(first.shape),
-        "format": fmt,
-        "concurrency": concurrency,
-        "seconds": round(result.seconds, 3),
-        "requests_ok": result.ok,
-        "requests_failed": result.failed,
-        "requests_per_s": round(result.requests_per_s, 1),
-        "samples_per_s": round(result.samples_per_s, 1),
-        **{f"p{q}_ms": round(result.percentile_ms(q), 2) for q in (50, 90, 99)},
-    }
+            ),
+        }  # fmt: skip
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -536,15 +517,5 @@ def bench(
     for key, value in report.items():
         table.add_row(key, str(value))
     Console().print(table)
-    if result.failed:
+    if report["requests_failed"]:
         raise SystemExit(1)
-
-
-def _parse_shape(text: str) -> list[int]:
-    try:
-        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
-    except ValueError:
-        raise InputError(f"--shape {text!r}: give sizes like 3,32,32") from None
-    if not dims or any(d < 1 for d in dims):
-        raise InputError(f"--shape {text!r}: sizes must be positive")
-    return dims

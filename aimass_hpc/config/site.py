@@ -22,7 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 import aimass_hpc
 from aimass_hpc.common.errors import InputError, NotFoundError
@@ -339,6 +346,31 @@ class Training(_Model):
     )
 
 
+class Vllm(_Model):
+    """How this site provides vLLM (``aimass serve --engine vllm``): exactly one of
+    ``python`` (a venv's interpreter; relative paths are relative to the site file),
+    ``module`` (an environment module to load) or ``container`` (an image)."""
+
+    python: Text | None = Field(None, description="python of an environment that has vllm")
+    module: Text | None = Field(None, description="environment module providing vllm")
+    container: Text | None = Field(None, description="container image providing vllm")
+    args: list[Text] = Field(
+        default_factory=list,
+        description="more api_server arguments, e.g. CPU settings (--enforce-eager ...)",
+    )
+    env: dict[EnvName, Text] = Field(default_factory=dict, description="exported to vLLM")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Vllm:
+        given = [k for k in ("python", "module", "container") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of python, module, container"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
 class Serving(_Model):
     """Defaults for ``aimass serve``."""
 
@@ -346,6 +378,7 @@ class Serving(_Model):
     default_reservation: SlurmName | None = None
     bind: Literal["node", "any"] = Field("node", description="node: listen on the node's address")
     port_range: tuple[int, int] = (20000, 29999)
+    vllm: Vllm | None = Field(None, description="[serving.vllm]: how jobs run vLLM")
 
     @field_validator("port_range")
     @classmethod

@@ -112,10 +112,16 @@ class ServeOptions:
     check_interval_s: float = CHECK_INTERVAL_S  # the supervisor's seconds between checks
     check_failures: int = CHECK_FAILURES  # failed checks in a row before a replacement
     autoscale: Autoscale | None = None  # scale between min and max replicas (supervised)
+    engine: str = "torch"  # torch: the built-in server; vllm: HF causal LMs through vLLM
+    vllm: dict[str, Any] | None = None  # the site's [serving.vllm], resolved (engine vllm)
 
     def serve_section(self, repo: str, version: int | None) -> dict[str, Any]:
         """The ``spec.serve`` payload the replicas read."""
+        engine: dict[str, Any] = {}
+        if self.engine != "torch":
+            engine = {"engine": self.engine, "vllm": self.vllm, "gpus": self.gpus}
         return {
+            **engine,
             "model": self.ref,
             "repo": repo,
             "resolved_version": version,
@@ -156,14 +162,39 @@ def check_serve_options(opts: ServeOptions, where: str = "serve") -> None:
             SLURM_NAME.check(value, f"{where}.{key}")
 
 
-def check_model(repo: str, ref: str | Ref) -> int:
-    """The version ``ref`` names now; refuses a model whose recipe cannot be served."""
+def check_model(repo: str, ref: str | Ref, engine: str = "torch") -> int:
+    """The version ``ref`` names now; refuses a model whose recipe ``engine`` cannot serve."""
     from aimass_hpc.repo import ModelRepository
-    from aimass_hpc.serve.model_loader import parse_recipe
 
     version = ModelRepository(repo).get(ref)
+    if engine == "vllm":
+        from aimass_hpc.repo.hf import check_hf
+
+        check_hf(version)
+        return int(version.number)
+    from aimass_hpc.serve.model_loader import parse_recipe
+
     parse_recipe(version.recipe, where=f"model {version.ref} recipe")
     return int(version.number)
+
+
+ENGINES = ("torch", "vllm")
+
+
+def vllm_settings(site: Site) -> dict[str, Any]:
+    """The site's ``[serving.vllm]`` for the replicas: a relative ``python`` resolved against
+    the site file's folder. ``InputError`` when the site has none."""
+    cfg = site.serving.vllm
+    if cfg is None:
+        raise InputError(
+            f"--engine vllm: site {site.name!r} has no [serving.vllm] table "
+            "(python, module or container; see site_configs/dev.toml)"
+        )
+    out = cfg.model_dump()
+    if cfg.python and not Path(cfg.python).is_absolute() and "/" in cfg.python:
+        base = site.source_dir or Path.cwd()
+        out["python"] = str((base / cfg.python).resolve())
+    return out
 
 
 def plan_service(site: Site, opts: ServeOptions) -> tuple[JobRequest, dict[str, Any]]:
@@ -177,15 +208,25 @@ def plan_service(site: Site, opts: ServeOptions) -> tuple[JobRequest, dict[str, 
             max(opts.replicas, opts.autoscale.min_replicas), opts.autoscale.max_replicas
         )
     check_serve_options(opts)
+    if opts.engine not in ENGINES:
+        raise InputError(f"--engine {opts.engine!r}: use one of {', '.join(ENGINES)}")
+    if opts.engine == "vllm" and opts.supervise:
+        # The supervisor's health check is a /v1/predict probe: it would replace healthy
+        # vLLM replicas. Refused until it probes completions.
+        raise InputError("--engine vllm: --supervise and autoscaling are not supported yet")
     repo = str(Path(opts.repo).expanduser()) if opts.repo else str(site.models_root)
-    version = check_model(repo, opts.ref)
+    version = check_model(repo, opts.ref, opts.engine)
     name = Ref.parse(opts.ref).name
     threads = opts.threads or max(1, opts.cpus - 1)
+    entry = "aimass_hpc.serve"
+    if opts.engine == "vllm":
+        opts.vllm = vllm_settings(site)
+        entry = "aimass_hpc.serve.vllm_replica"
     request = request_from_mapping(
         {
             "kind": "serve",
             "name": f"serve-{name}",
-            "command": [site.python, "-m", "aimass_hpc.serve"],
+            "command": [site.python, "-m", entry],
             "env": {"OMP_NUM_THREADS": str(threads)},
             "gpus_per_node": opts.gpus,
             "cpus_per_task": opts.cpus,
@@ -545,7 +586,7 @@ def service_options(run_dir: Path) -> ServeOptions:
     req = doc.get("request") or {}
     known = {
         "model", "repo", "resolved_version", "replicas", "port", "max_batch_size",
-        "max_wait_ms", "batching", "threads", "handover",
+        "max_wait_ms", "batching", "threads", "handover", "engine", "vllm", "gpus",
     }  # fmt: skip
     return ServeOptions(
         ref=serve["model"],
@@ -564,6 +605,7 @@ def service_options(run_dir: Path) -> ServeOptions:
         threads=serve.get("threads", DEFAULTS.threads),
         handover=bool(serve.get("handover", DEFAULTS.handover)),
         extra={k: v for k, v in serve.items() if k not in known},
+        engine=str(serve.get("engine") or "torch"),
     )
 
 
@@ -609,7 +651,7 @@ def upgrade(
         opts.check_interval_s = float(desired["supervisor"].get("interval_s", CHECK_INTERVAL_S))
         opts.check_failures = int(desired["supervisor"].get("failures", CHECK_FAILURES))
     repo = opts.repo or str(site.models_root)
-    target = str(check_model(repo, want))
+    target = str(check_model(repo, want, opts.engine))
     old_versions = sorted({str(r.version) for r in old if r.version is not None})
     if not force and old_versions == [target] and all(r.state == "READY" for r in old):
         return UpgradeResult(ref, old_versions, target, None, None, [])

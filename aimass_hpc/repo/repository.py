@@ -102,6 +102,7 @@ class ModelRepository:
         contents: Iterable[str] | None = None,
         alignment: int = 1 << 20,
         model_type: str | None = None,
+        kind: str | None = None,
     ) -> Version:
         """Save a new version of ``name`` and return it once it is committed and durable.
 
@@ -113,7 +114,8 @@ class ModelRepository:
         byte alignment of large tensors in the file (the filesystem's stripe size).
         ``flops_per_sample``/``peak_memory_bytes``/``model_type`` (one of
         :data:`~aimass_hpc.repo.metadata.MODEL_TYPES`) describe the model's cost and purpose
-        for :meth:`search` (see :mod:`aimass_hpc.runtime.model_stats`).
+        for :meth:`search` (see :mod:`aimass_hpc.runtime.model_stats`). ``kind`` overrides
+        the kind derived from the contents (``"hf"``: a Hugging Face directory, repo/hf.py).
         """
         check_name(name)
         with _gc_paused():
@@ -134,6 +136,7 @@ class ModelRepository:
                 recipe=recipe,
                 run=run,
                 model_type=model_type,
+                kind=kind,
             )
 
     def _save(
@@ -149,7 +152,9 @@ class ModelRepository:
         meta = self._user_metadata(name, **user)
         trees, pool = encode_sections(state_dict, optimizer, extra)
         meta["contents"] = _contents(state_dict, optimizer, extra, contents)
-        meta["kind"] = "model" if meta["contents"] == ["model"] else "checkpoint"
+        meta["kind"] = user.get("kind") or (
+            "model" if meta["contents"] == ["model"] else "checkpoint"
+        )
         meta.update(_tensor_stats(pool))
         md = ModelDir(self.root, name)
         with os_errors(f"saving model {name} in {self.root}"):
