@@ -52,6 +52,7 @@ def test_round_trip_is_byte_exact(tmp_path: Path) -> None:
     r = repo.get("tiny:1").recipe
     assert r["architectures"] == ["LlamaForCausalLM"] and r["model_type"] == "llama"
     assert r["parameters"] == 2 * 300 * 8 and r["vocab_size"] == 300
+    assert repo.get("tiny:1").param_count == r["parameters"]  # what `models show` prints
     assert r["context_length"] == 128
     assert sorted(f["name"] for f in r["files"]) == [
         "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",

@@ -131,6 +131,7 @@ def import_hf(
         description=description or f"Hugging Face model imported from {Path(directory).name}",
         model_type="language-model",
         kind=KIND,
+        param_count=recipe["parameters"],
     )
 
 

@@ -103,6 +103,7 @@ class ModelRepository:
         alignment: int = 1 << 20,
         model_type: str | None = None,
         kind: str | None = None,
+        param_count: int | None = None,
     ) -> Version:
         """Save a new version of ``name`` and return it once it is committed and durable.
 
@@ -115,7 +116,9 @@ class ModelRepository:
         ``flops_per_sample``/``peak_memory_bytes``/``model_type`` (one of
         :data:`~aimass_hpc.repo.metadata.MODEL_TYPES`) describe the model's cost and purpose
         for :meth:`search` (see :mod:`aimass_hpc.runtime.model_stats`). ``kind`` overrides
-        the kind derived from the contents (``"hf"``: a Hugging Face directory, repo/hf.py).
+        the kind derived from the contents (``"hf"``: a Hugging Face directory, repo/hf.py);
+        ``param_count`` the count derived from the model's tensors (where the weights are
+        stored as files, not tensors).
         """
         check_name(name)
         with _gc_paused():
@@ -137,6 +140,7 @@ class ModelRepository:
                 run=run,
                 model_type=model_type,
                 kind=kind,
+                param_count=param_count,
             )
 
     def _save(
@@ -156,6 +160,10 @@ class ModelRepository:
             "model" if meta["contents"] == ["model"] else "checkpoint"
         )
         meta.update(_tensor_stats(pool))
+        if user.get("param_count") is not None:
+            meta["param_count"] = metadata.check_number(
+                user["param_count"], "param_count", integer=True
+            )
         md = ModelDir(self.root, name)
         with os_errors(f"saving model {name} in {self.root}"):
             md.check_confined()
