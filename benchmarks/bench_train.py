@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -183,12 +184,41 @@ JOBS: list[str] = []  # every job this benchmark queued, waited for before clean
 CLI_SECONDS: list[float] = []  # how long `aimass train` itself took (part of its latency)
 
 
-def _wait_file(path: Path, timeout: float = 300) -> None:
+class LaunchFailed(RuntimeError):
+    """The job ended before its first step (e.g. its rendezvous port was taken: every node
+    of the dev cluster is this machine). The launch is tried again; it is not a result."""
+
+
+def _job_gone(job_id: str) -> bool:
+    queued = subprocess.run(
+        ["squeue", "-h", "-o", "%i", "-j", job_id], capture_output=True, text=True
+    ).stdout.split()
+    return job_id not in queued
+
+
+def _wait_file(path: Path, job_id: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
+    checked = time.monotonic()
     while not path.exists():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear")
+        if time.monotonic() - checked > 2:
+            checked = time.monotonic()
+            if _job_gone(job_id) and not path.exists():
+                raise LaunchFailed(f"job {job_id} ended without a first step")
         time.sleep(0.05)
+
+
+def _retrying(launch_once: Any, *args: Any) -> float:
+    """``launch_once(*args)``, tried up to three times when the job failed to start."""
+    for attempt in range(3):
+        try:
+            return launch_once(*args)
+        except LaunchFailed as exc:
+            print(f"bench: {exc}; launching again", file=sys.stderr)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def launch_plain(work: Path, nodes: int, tasks: int) -> float:
@@ -209,7 +239,7 @@ def launch_plain(work: Path, nodes: int, tasks: int) -> float:
         ["sbatch", "--parsable", str(script)], check=True, capture_output=True, text=True
     )
     JOBS.append(proc.stdout.strip().split(";")[0])
-    _wait_file(out / "first_step")
+    _wait_file(out / "first_step", JOBS[-1])
     return float((out / "first_step").read_text()) - t0
 
 
@@ -224,15 +254,21 @@ def launch_aimass(work: Path, site: str, nodes: int, tasks: int) -> float:
     t0 = time.time()
     proc = subprocess.run(
         [sys.executable, "-m", "aimass_hpc", "train", str(spec), "--site", site, "--json"],
-        check=True,
         capture_output=True,
         text=True,
     )
     CLI_SECONDS.append(time.time() - t0)
+    if proc.returncode != 0:
+        raise SystemExit(f"aimass train failed ({proc.returncode}): {proc.stderr.strip()}")
     JOBS.append(json.loads(proc.stdout)["job_id"])
     metrics = Path(json.loads(proc.stdout)["run_dir"]) / "metrics.jsonl"
     deadline = time.monotonic() + 300
+    checked = time.monotonic()
     while True:
+        if time.monotonic() - checked > 2:
+            checked = time.monotonic()
+            if _job_gone(JOBS[-1]) and not metrics.exists():
+                raise LaunchFailed(f"job {JOBS[-1]} ended without a first step")
         if metrics.exists():
             for line in metrics.read_text().splitlines():
                 rec = json.loads(line)
@@ -256,17 +292,33 @@ def _bench_site(work: Path, base: str, srun_mpi: str | None) -> str:
 
 
 def launch(
-    site_base: str, nodes: int, tasks: int, repeats: int, srun_mpi: str | None = None
+    site_base: str,
+    nodes: int,
+    tasks: int,
+    repeats: int,
+    srun_mpi: str | None = None,
+    bytecode: bool = False,
 ) -> dict:
-    """Median seconds from submit to the first step, both ways, alternating."""
+    """Median seconds from submit to the first step, both ways, alternating.
+
+    With ``bytecode`` both ways run with a private ``PYTHONPYCACHEPREFIX`` (the job inherits
+    the environment from sbatch), as an installed package has its compiled modules; without
+    it, where ``PYTHONDONTWRITEBYTECODE`` is set, every rank compiles aimass_hpc's sources anew.
+    One unmeasured launch of each warms the page cache (and that bytecode cache).
+    """
     with tempfile.TemporaryDirectory(prefix="bench-launch-") as tmp:
         work = Path(tmp)
         site = _bench_site(work, site_base, srun_mpi)
-        launch_plain(work, nodes, tasks)  # warm the page cache for both
+        if bytecode:
+            os.environ.update(_cli_env(work / "pycache"))
+            os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        _retrying(launch_plain, work, nodes, tasks)  # warm-up, not measured
+        _retrying(launch_aimass, work, site, nodes, tasks)
+        CLI_SECONDS.clear()
         plain, ours = [], []
         for _ in range(repeats):
-            plain.append(launch_plain(work, nodes, tasks))
-            ours.append(launch_aimass(work, site, nodes, tasks))
+            plain.append(_retrying(launch_plain, work, nodes, tasks))
+            ours.append(_retrying(launch_aimass, work, site, nodes, tasks))
         while JOBS:  # let the jobs finish writing before their directories go
             queued = subprocess.run(
                 ["squeue", "-h", "-o", "%i", "-j", ",".join(JOBS)], capture_output=True, text=True
@@ -279,6 +331,9 @@ def launch(
             "plain_s": p,
             "aimass_s": a,
             "ratio": a / p,
+            # Robust to a shared machine's load spikes: each pair ran back to back.
+            "paired_diff_s": statistics.median(x - y for x, y in zip(ours, plain, strict=True)),
+            "min_ratio": min(ours) / min(plain),
             "aimass_cli_s": statistics.median(CLI_SECONDS),
             "plain_all": plain,
             "aimass_all": ours,
@@ -414,7 +469,8 @@ def main() -> None:
     ap.add_argument(
         "--bytecode-cache",
         action="store_true",
-        help="CLI start-up with compiled modules cached (a private PYTHONPYCACHEPREFIX)",
+        help="CLI start-up and launch with compiled modules cached (a private "
+        "PYTHONPYCACHEPREFIX, as an installed package has them)",
     )
     ap.add_argument("--json", dest="json_out", help="also write the results here")
     args = ap.parse_args()
@@ -444,7 +500,11 @@ def main() -> None:
         label = "launch to first step (1 node x 2 ranks)"
         if args.srun_mpi:
             label += f", srun --mpi={args.srun_mpi}"
-        results[label] = launch(args.site, 1, 2, args.launch_repeats, args.srun_mpi)
+        if args.bytecode_cache:
+            label += ", bytecode cached"
+        results[label] = launch(
+            args.site, 1, 2, args.launch_repeats, args.srun_mpi, args.bytecode_cache
+        )
     if not args.skip_cli:
         results.update(cli_startup(args.site, args.cli_repeats, args.bytecode_cache))
 
@@ -470,7 +530,9 @@ def main() -> None:
             ours, peer, target = r["aimass_s"], r["plain_s"], 1.10
             print(
                 f"{name:45} {ours:10.2f} s {peer:10.2f} s {r['ratio']:7.3f} {target:7.2f}   "
-                f"(of which `aimass train` itself: {r['aimass_cli_s']:.2f} s)"
+                f"(of which `aimass train` itself: {r['aimass_cli_s']:.2f} s; median "
+                f"pairwise difference {r['paired_diff_s']:+.2f} s, ratio of minima "
+                f"{r['min_ratio']:.3f})"
             )
     print(
         "peer: plain PyTorch loop (step time) / hand-written sbatch + srun script (launch) / "

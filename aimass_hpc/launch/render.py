@@ -24,8 +24,11 @@ returned, so no caller can write or queue a script bash cannot parse.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
 import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -124,33 +127,92 @@ def _finalize(value: Any) -> Any:
 
 
 class _CompiledTemplates(jinja2.BytecodeCache):
-    """Compiled templates kept in memory for the life of the process, keyed by template name
-    and file and checked against a hash of the source (jinja's bucket checksum).
+    """Compiled templates kept in memory for the life of the process and on disk in the
+    user's cache directory across processes, keyed by template name and file and checked
+    against a hash of the source (jinja's bucket checksum).
 
     The loaders still read every template on each render, so an edited or newly added
     override is seen at once; only the compile step (the costly part: parse, generate, Python
-    ``compile``) is skipped when the source is unchanged. A process that renders many scripts
-    (a search driver's trials, ``aimass site check``'s four kinds, which all extend
-    ``job.j2``) compiles each template once. Only environments made by
-    :func:`template_environment` use it, so the compiled code always matches their options.
+    ``compile``; tens of milliseconds of every ``aimass train``) is skipped when the source is
+    unchanged. A process that renders many scripts (a search driver's trials, ``aimass site
+    check``'s four kinds, which all extend ``job.j2``) compiles each template once, and a new
+    process loads what an earlier one compiled. Only environments made by
+    :func:`template_environment` use it, so the compiled code always matches their options
+    (the disk folder is named after the jinja and Python versions, whose code it holds).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path | None = None) -> None:
         self._code: dict[str, tuple[str | None, Any]] = {}
+        self._dir = directory
 
     def load_bytecode(self, bucket: Bucket) -> None:
         found = self._code.get(bucket.key)
         if found is not None and found[0] == bucket.checksum:
             bucket.code = found[1]
+            return
+        folder = self._usable_dir(create=False)
+        if folder is None:
+            return
+        try:
+            with open(folder / f"{bucket.key}.cache", "rb") as fh:
+                bucket.load_bytecode(fh)  # checks jinja's magic and the source checksum
+        except Exception:  # noqa: BLE001 - missing, cut short, from another version: any of
+            bucket.reset()  # OSError, EOFError, pickle and marshal errors; compile it anew
+            return
+        if bucket.code is not None:
+            self._code[bucket.key] = (bucket.checksum, bucket.code)
 
     def dump_bytecode(self, bucket: Bucket) -> None:
         self._code[bucket.key] = (bucket.checksum, bucket.code)
+        folder = self._usable_dir(create=True)
+        if folder is None:
+            return
+        target = folder / f"{bucket.key}.cache"
+        tmp = folder / f".{bucket.key}.{os.getpid()}.tmp"
+        try:  # write, then rename: a concurrent reader sees the old file or the new one
+            with open(tmp, "wb") as fh:
+                bucket.write_bytecode(fh)
+            os.replace(tmp, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _usable_dir(self, *, create: bool) -> Path | None:
+        """The disk cache folder when it is this user's alone (marshalled code from it is
+        executed), else None: the in-memory cache still works."""
+        if self._dir is None:
+            return None
+        try:
+            if create:
+                self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = self._dir.stat()
+        except OSError:
+            return None
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            return None
+        return self._dir
 
     def clear(self) -> None:
         self._code.clear()
 
 
-_COMPILED = _CompiledTemplates()
+def _cache_dir() -> Path | None:
+    """Where compiled templates are kept between processes: ``$AIMASS_CACHE_DIR`` (empty: not
+    on disk), else ``$XDG_CACHE_HOME/aimass``, else ``~/.cache/aimass``."""
+    base = os.environ.get("AIMASS_CACHE_DIR")
+    if base is None:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        try:
+            base = str(Path(xdg) / "aimass") if xdg else str(Path.home() / ".cache" / "aimass")
+        except RuntimeError:  # no home directory to expand
+            return None
+    if not base:
+        return None
+    version = f"jinja{jinja2.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return Path(base) / f"templates-{version}"
+
+
+_COMPILED = _CompiledTemplates(_cache_dir())
 
 
 class _TemplateEnvironment(ImmutableSandboxedEnvironment):

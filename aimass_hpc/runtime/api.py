@@ -401,8 +401,12 @@ class Job:
         )
         ref = None
         if self.backend.sharded:
-            # Sharded final model (one piece per rank); FLOPs/peak memory are not measured:
-            # that would need the whole model's forward on one rank.
+            # Sharded final model (one piece per rank). Its cost is the whole model's: every
+            # rank runs the measuring forward together (FSDP gathers each layer).
+            if self.store is not None:
+                info.flops_per_sample, info.peak_memory_bytes = _measure(
+                    _unwrap(model), full_recipe, self.device
+                )
             ref = self._save_sharded(-1, model, None, None, None, True, info=info)
         elif self.is_main and self.store is not None:
             module = _unwrap(model)

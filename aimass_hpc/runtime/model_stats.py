@@ -17,6 +17,13 @@ What is counted:
   the input + the sum of every submodule's output tensors during the forward, an upper bound
   of the activations (a real run frees some before others are made).
 
+A sharded model (FSDP: parameters are DTensors, each rank holds a piece) is measured as the
+whole model it stands for, the one a server loads: every rank runs the same forward together
+(collective: FSDP gathers each layer's parameters, so the matmuls are the whole model's and
+the FLOPs are counted as for the unsharded module), and the peak memory is the CPU bound above
+with each parameter at its global size, on GPUs too (the allocator's peak on one rank would
+be that rank's share, not what the model needs on one device).
+
 Measurement never fails a run: a model that cannot run on the sample gets None for both.
 """
 
@@ -25,12 +32,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from aimass_hpc.repo.metadata import MODEL_TYPES, check_model_type
+if TYPE_CHECKING:
+    from aimass_hpc.repo.metadata import MODEL_TYPES
 
 _DTYPES = {
     "bool": torch.bool,
@@ -68,6 +76,16 @@ _EMBEDDING_LOSSES: tuple[type[nn.Module], ...] = (
     nn.TripletMarginLoss,
     nn.MarginRankingLoss,
 )
+
+
+def __getattr__(name: str) -> Any:
+    """``MODEL_TYPES`` (re-exported), loaded on first use like the check above."""
+    if name == "MODEL_TYPES":
+        from aimass_hpc.repo.metadata import MODEL_TYPES
+
+        return MODEL_TYPES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["MODEL_TYPES", "ModelStats", "measure", "model_type_of", "sample_input"]
 
@@ -136,7 +154,9 @@ def _resident_bytes(module: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for t in (*module.parameters(), *module.buffers()):
-        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        # A DTensor (FSDP) counts at its global size: numel() is the whole tensor's.
+        local = t.device.type != "meta" and not _is_dtensor(t)
+        key = t.untyped_storage().data_ptr() if local else id(t)
         if key in seen:
             continue
         seen.add(key)
@@ -160,6 +180,19 @@ def _activation_counter(module: nn.Module, into: list[int]) -> Iterator[None]:
             h.remove()
 
 
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed: nothing is sharded
+        return False
+    return isinstance(t, DTensor)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True for a module whose parameters are sharded over ranks (FSDP DTensors)."""
+    return any(_is_dtensor(p) for p in module.parameters())
+
+
 def measure(
     module: nn.Module, sample: torch.Tensor | None, device: torch.device | None = None
 ) -> ModelStats:
@@ -167,7 +200,8 @@ def measure(
 
     ``device`` defaults to where the module's parameters are. The module runs once in eval
     mode without gradients; its training mode is put back. See the module docs for what is
-    counted.
+    counted. A sharded (FSDP) module is measured as the whole model, and then this is
+    collective: every rank calls it with the same sample (or every rank with None).
     """
     if sample is None:
         return ModelStats()
@@ -176,10 +210,13 @@ def measure(
     if device is None:
         first = next(iter((*module.parameters(), *module.buffers())), None)
         device = first.device if first is not None else torch.device("cpu")
+        if first is not None and _is_dtensor(first):
+            device = first.to_local().device  # type: ignore[attr-defined]
     x = sample.to(device)
     was_training = module.training
     activations = [0]
-    on_cuda = device.type == "cuda"
+    # The allocator's peak only describes a model that lives whole on this device.
+    on_cuda = device.type == "cuda" and not is_sharded(module)
     try:
         module.eval()
         if on_cuda:
@@ -215,6 +252,10 @@ def model_type_of(
     Cross-entropy on integer inputs through an embedding is a language model; other
     classification losses a classifier; MSE/L1/Huber a regressor; metric losses an embedding.
     """
+    # Imported here, not at the top: the trainer imports this module before its first step,
+    # and repo.metadata brings pydantic (tens of ms of every rank's start-up).
+    from aimass_hpc.repo.metadata import check_model_type
+
     if declared is not None:
         return str(check_model_type(declared, "task model_type"))
     if isinstance(recipe, Mapping) and recipe.get("model_type") is not None:
@@ -238,6 +279,7 @@ def stats_from_recipe(recipe: Mapping[str, Any], state_dict: Mapping[str, Any]) 
     The module is rebuilt on the CPU as serving would (:mod:`aimass_hpc.serve.model_loader`);
     a recipe that cannot be built is an error of the caller's choosing (it propagates).
     """
+    from aimass_hpc.repo.metadata import check_model_type
     from aimass_hpc.serve.model_loader import build_module, parse_recipe
 
     parsed = parse_recipe(recipe)

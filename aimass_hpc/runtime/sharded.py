@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from aimass_hpc.repo.codec import _child
+from aimass_hpc.runtime.checkpoint import HostBuffers
 
 Layout = dict[str, dict[str, list[int]]]
 
@@ -44,30 +45,44 @@ def _offsets(t: Any) -> list[int]:
     return [int(x) for x in offsets]
 
 
-def localize(obj: Any, path: str, layout: Layout) -> Any:
-    """A CPU copy of ``obj`` with each DTensor replaced by this rank's piece (in ``layout``)."""
+def localize(obj: Any, path: str, layout: Layout, buffers: HostBuffers | None = None) -> Any:
+    """A CPU copy of ``obj`` with each DTensor replaced by this rank's piece (in ``layout``).
+
+    With ``buffers`` the copies go into its reused host buffers (asynchronous saves; call
+    ``buffers.sync()`` before reading them), else into fresh tensors.
+    """
     if isinstance(obj, torch.Tensor):
         if _is_dtensor(obj):
             layout[path] = {"global_shape": list(obj.shape), "offsets": _offsets(obj)}
             obj = obj.to_local()  # type: ignore[attr-defined]
+        if buffers is not None:
+            return buffers.copy(obj, path)
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, Mapping):
-        out = {k: localize(v, _child(path, k), layout) for k, v in obj.items()}
+        out = {k: localize(v, _child(path, k), layout, buffers) for k, v in obj.items()}
         return type(obj)(out) if isinstance(obj, dict) else out
     if isinstance(obj, list):
-        return [localize(v, _child(path, i), layout) for i, v in enumerate(obj)]
+        return [localize(v, _child(path, i), layout, buffers) for i, v in enumerate(obj)]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(localize(v, _child(path, i), layout) for i, v in enumerate(obj))
+        return tuple(localize(v, _child(path, i), layout, buffers) for i, v in enumerate(obj))
     return obj
 
 
 def local_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    buffers: HostBuffers | None = None,
 ) -> tuple[dict[str, Any], Any, Layout]:
-    """This rank's pieces of the model and optimizer state, and their layout."""
+    """This rank's pieces of the model and optimizer state, and their layout.
+
+    ``buffers``: copy into these reused host buffers (see
+    :class:`~aimass_hpc.runtime.checkpoint.HostBuffers`) instead of fresh tensors.
+    """
     layout: Layout = {}
-    sd = {k: localize(v, f"model/{k}", layout) for k, v in model.state_dict().items()}
-    opt = localize(optimizer.state_dict(), "optimizer/", layout) if optimizer else None
+    sd = {k: localize(v, f"model/{k}", layout, buffers) for k, v in model.state_dict().items()}
+    opt = localize(optimizer.state_dict(), "optimizer/", layout, buffers) if optimizer else None
+    if buffers is not None:
+        buffers.sync()
     return sd, opt, layout
 
 

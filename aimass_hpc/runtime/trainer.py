@@ -24,6 +24,7 @@ from torch.utils.data._utils.collate import default_collate
 from aimass_hpc.runtime import model_stats, preempt, rng, sharded
 from aimass_hpc.runtime.checkpoint import (
     CheckpointStore,
+    HostBuffers,
     PendingSave,
     RepositoryStore,
     SaveInfo,
@@ -200,11 +201,17 @@ class Trainer:
         self._pending: PendingSave | None = None
         # Seconds the step loop was blocked by each checkpoint (benchmarks/bench_ckpt.py).
         self.checkpoint_stalls: list[float] = []
+        # Host memory reused by every asynchronous snapshot (no fresh pages, pinned on GPUs).
+        self._host_buffers = HostBuffers()
 
     # ----------------------------------------------------------------------------- state
 
-    def state(self) -> TrainState:
-        """This rank's view of the training state (RNG states of all ranks gathered)."""
+    def state(self, buffers: HostBuffers | None = None) -> TrainState:
+        """This rank's view of the training state (RNG states of all ranks gathered).
+
+        ``buffers``: snapshot the tensors into these reused host buffers (asynchronous
+        saves: valid until the next snapshot) instead of fresh copies.
+        """
         rng_states = self.backend.allgather_object(rng.capture())
         epoch, batch = self.sampler.position(self.step)
         global_samples = self.step * self.params.batch_size
@@ -227,8 +234,14 @@ class Trainer:
             "metrics": dict(self.last_metrics),
         }
         if self.backend.sharded:
-            model, optimizer, layout = sharded.local_state(self.model, self.optimizer)
+            model, optimizer, layout = sharded.local_state(self.model, self.optimizer, buffers)
             return TrainState(model=model, optimizer=optimizer, extra=extra, layout=layout)
+        if buffers is not None:
+            return TrainState(
+                model=buffers.take(self.model.state_dict(), "model/"),
+                optimizer=buffers.take(self.optimizer.state_dict(), "optimizer/"),
+                extra=extra,
+            )
         return TrainState(
             model=_cpu(self.model.state_dict()),
             optimizer=_cpu(self.optimizer.state_dict()),
@@ -326,11 +339,15 @@ class Trainer:
             self.checkpoint_stalls.append(time.perf_counter() - started)
 
     def _save(self, wait: bool) -> str | None:
-        self._finish_pending()
-        state = self.state()
-        if self.params.async_checkpoint and not wait and isinstance(self.store, RepositoryStore):
+        self._finish_pending()  # before the snapshot: its buffers are the pending save's
+        asynchronous = (
+            self.params.async_checkpoint and not wait and isinstance(self.store, RepositoryStore)
+        )
+        state = self.state(self._host_buffers if asynchronous else None)
+        if asynchronous:
             info = self._info("checkpoint")
             store = self.store
+            assert isinstance(store, RepositoryStore)  # checked above; for the type checker
             if self.backend.sharded:
                 key = shard_key(self.step) if self.is_main else None
                 key = self.backend.broadcast_object(key)
@@ -403,14 +420,19 @@ class Trainer:
             return existing if self.is_main else None
         model, _, layout = sharded.local_state(self.model, None)
         info = self._info("final")
-        # FLOPs and peak memory need a forward of the whole model on one rank: not measured
-        # for sharded models (the model type needs no forward).
+        sample = model_stats.sample_input(self.recipe)
+        if sample is None:
+            sample = model_stats.sample_from_dataset(self.task.train)
+        # The whole model's cost; collective: every rank runs this forward (same sample).
+        stats = model_stats.measure(self.model, sample, self.device)
+        info.flops_per_sample = stats.flops_per_sample
+        info.peak_memory_bytes = stats.peak_memory_bytes
         info.model_type = model_stats.model_type_of(
             declared=self.task.model_type,
             recipe=self.recipe,
             loss=self.task.loss,
             model=self.model,
-            sample=model_stats.sample_from_dataset(self.task.train),
+            sample=sample,
         )
         ref = self.store.save_sharded(TrainState(model=model, layout=layout), info, self.backend)
         return ref if self.is_main else None
