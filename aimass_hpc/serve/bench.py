@@ -4,14 +4,13 @@ closed-loop load generator (:mod:`.loadgen`) against every live replica."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable
 from typing import Any
 
 from aimass_hpc.common.errors import InputError
 from aimass_hpc.serve.client import Client, encode_request
-from aimass_hpc.serve.loadgen import run_load
+from aimass_hpc.serve.loadgen import run_load_sync
 
 # One sample's values at most (a typo such as 3,32000,32000 must not allocate 12 GiB).
 MAX_SAMPLE_VALUES = 1 << 24
@@ -58,12 +57,10 @@ def bench_service(
     x = x.astype(dtype or info.get("input_dtype") or "float32")
     first = client.predict(x, binary=binary)  # a bad shape or dtype fails here, in one line
     payload, headers = encode_request(x, binary=binary)
-    result = asyncio.run(
-        run_load(
-            [ep.url for ep in live], payload, [{**headers, **ep.headers} for ep in live],
-            concurrency=concurrency, duration_s=duration, warmup_s=1.0,
-            rows_per_request=batch, progress=progress,
-        )
+    result = run_load_sync(
+        [ep.url for ep in live], payload, [{**headers, **ep.headers} for ep in live],
+        concurrency=concurrency, duration_s=duration, warmup_s=1.0,
+        rows_per_request=batch, progress=progress,
     )  # fmt: skip
     pct = {f"p{q}_ms": result.percentile_ms(q) for q in PERCENTILES}
     return {

@@ -97,7 +97,7 @@ def decode_json(body: bytes) -> np.ndarray:
     dtype is inferred and :func:`check_batch` holds the values to the model's dtype.
     """
     try:
-        doc = json.loads(body)
+        doc = _loads(body)
     except RecursionError:
         raise BadInput("body is not valid JSON: nested too deeply", 400) from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of >4300 digits
@@ -133,6 +133,44 @@ _NOT_NUMBERS = (
     '"inputs" must be a rectangular nested list of numbers '
     "(no strings, nulls or integers beyond 64 bits)"
 )
+
+
+def _loads(body: bytes) -> Any:
+    """``json.loads``, through orjson (when installed) where that gives the same document.
+
+    The standard parser spends about 0.3 us per number: a 16 x 256 float body costs 1.3 ms,
+    several times the forward of a small model. orjson parses it ~10x faster and builds the
+    same Python objects, except that it reads integer literals beyond 64 bits as floats where
+    ``json`` keeps exact ints (which this API refuses). Bodies with such a literal -- any run
+    of 19+ digits not after a decimal point -- and everything orjson rejects (NaN/Infinity
+    tokens, a BOM, lone surrogates, deep nesting) go to ``json.loads``, so what is accepted,
+    what is refused and every error message stay those of the standard parser.
+    """
+    if _orjson is not None and type(body) is bytes and not _has_long_integer(body):
+        try:
+            return _orjson.loads(body)
+        except _orjson.JSONDecodeError:
+            pass  # the standard parser decides, with its own message
+    return json.loads(body)
+
+
+def _has_long_integer(body: bytes) -> bool:
+    # A run of 19+ digits whose preceding byte is not "." (an integer part or an exponent):
+    # with digits mapped to "0", "." kept and all else to " ", two C-speed substring scans.
+    shape = body.translate(_DIGIT_SHAPE)
+    return shape.startswith(_LONG_RUN) or b" " + _LONG_RUN in shape
+
+
+_LONG_RUN = b"0" * 19
+_DIGIT_SHAPE = bytes(48 if 48 <= c <= 57 else 46 if c == 46 else 32 for c in range(256))
+
+
+_orjson: Any
+try:  # optional: only the speed of the JSON body parser depends on it
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - the standard parser alone
+    _orjson = None
+
 # Above this magnitude float64 cannot hold every integer: JSON integers that numpy read as
 # float64 (because floats were next to them) may have been rounded.
 _FLOAT64_EXACT_INT = 2**53
@@ -286,17 +324,18 @@ def _npy_header(text: bytes) -> tuple[tuple[int, ...], np.dtype, bool]:
 
 def check_batch(arr: np.ndarray, spec: InputSpec, max_rows: int) -> np.ndarray:
     """Check a decoded batch against the model's input spec; returns it in the model dtype."""
-    want = spec.describe()
+    # spec.describe() only on the error paths: it costs as much as the checks themselves.
     if spec.shape is None:
         if arr.ndim < 1:
-            raise BadInput(f"inputs have shape {list(arr.shape)}, expected {want}")
+            raise BadInput(f"inputs have shape {list(arr.shape)}, expected {spec.describe()}")
     elif arr.ndim != len(spec.shape) + 1:
-        raise BadInput(f"inputs have shape {list(arr.shape)}, expected {want}")
+        raise BadInput(f"inputs have shape {list(arr.shape)}, expected {spec.describe()}")
     else:
         for axis, (got, exp) in enumerate(zip(arr.shape[1:], spec.shape, strict=True), start=1):
             if exp is not None and got != exp:
                 raise BadInput(
-                    f"inputs have shape {list(arr.shape)}, expected {want} (axis {axis} is {got})"
+                    f"inputs have shape {list(arr.shape)}, expected {spec.describe()} "
+                    f"(axis {axis} is {got})"
                 )
     rows = arr.shape[0]
     if rows == 0:
@@ -331,9 +370,35 @@ def encode_json(outputs: np.ndarray, meta: dict[str, Any]) -> bytes:
 
 
 def encode_npy(arr: np.ndarray) -> bytes:
-    """An array as ``.npy`` bytes (the binary predict format, both directions)."""
+    """An array as ``.npy`` bytes (the binary predict format, both directions).
+
+    The same bytes as ``np.save(..., allow_pickle=False)``; the header is built once per
+    (dtype, shape) and cached, since np.save's Python-level header code costs more than
+    copying a small batch.
+    """
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.hasobject:
+        return _np_save(arr)  # np.save refuses it (allow_pickle=False): the same error
+    return _npy_header_bytes(arr.dtype, arr.shape) + arr.tobytes()
+
+
+def _np_save(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=512)
+def _npy_header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    # The format module's own header writer, fed what np.save feeds it for a C-ordered array.
+    fmt = np.lib.format
+    header = {"descr": fmt.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    buf = io.BytesIO()
+    try:
+        fmt.write_array_header_1_0(buf, header)
+    except ValueError:  # a header over 64 KiB: np.save switches to format 2.0 as well
+        buf = io.BytesIO()
+        fmt.write_array_header_2_0(buf, header)
     return buf.getvalue()
 
 

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -71,18 +72,13 @@ class _Conn:
         assert self.reader is not None and self.writer is not None
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        length, chunked, close = 0, False, False
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name, value = name.strip().lower(), value.strip().lower()
-            if name == "content-length":
-                length = int(value)
-            elif name == "transfer-encoding" and "chunked" in value:
-                chunked = True
-            elif name == "connection" and value == "close":
-                close = True
+        status = int(head.split(b" ", 2)[1])
+        # Byte-level lookups of the three headers that matter (this runs once per request,
+        # on the same CPUs as the service it measures).
+        low = head.lower()
+        length = int(_header(low, b"content-length") or 0)
+        chunked = b"chunked" in (_header(low, b"transfer-encoding") or b"")
+        close = _header(low, b"connection") == b"close"
         if chunked:
             while True:
                 size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
@@ -94,6 +90,15 @@ class _Conn:
         if close:
             self.close()
         return status
+
+
+def _header(head: bytes, name: bytes) -> bytes | None:
+    """The stripped value of header ``name`` in a lower-cased response head, or None."""
+    at = head.find(b"\r\n" + name + b":")
+    if at < 0:
+        return None
+    start = at + len(name) + 3
+    return head[start : head.index(b"\r\n", start)].strip()
 
 
 def build_request(url: str, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
@@ -179,3 +184,16 @@ async def run_load(
         errors=errors,
         rows_per_request=rows_per_request,
     )
+
+
+def run_load_sync(*args: Any, **kwargs: Any) -> LoadResult:
+    """:func:`run_load` on a fresh event loop: uvloop when installed, which takes about a
+    third less CPU per request than asyncio's own loop -- CPU the service under test gets."""
+    try:
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(run_load(*args, **kwargs))

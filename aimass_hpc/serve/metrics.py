@@ -41,6 +41,7 @@ LATENCY_BUCKETS = (
     10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_MAX_CACHED_LABELS = 256
 
 
 class _GpuMemoryCollector(Collector):
@@ -72,6 +73,7 @@ class ServeMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, routes: frozenset[str]) -> None:
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.routes = routes
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -120,15 +122,32 @@ class ServeMetrics:
         self.model = Info("aimass_serve_model", "The model this replica serves", registry=r)
         r.register(_GpuMemoryCollector())
 
+    @property
+    def routes(self) -> frozenset[str]:
+        """The paths counted under their own label (set again once the app is built)."""
+        return self._routes
+
+    @routes.setter
+    def routes(self, routes: frozenset[str]) -> None:
+        self._routes = routes
+        self._children.clear()  # cached label children were resolved against the old set
+
     def route_label(self, path: str) -> str:
         """The path if it is one of the app's routes, else ``other``."""
         return path if path in self.routes else "other"
 
     def observe_request(self, path: str, method: str, code: int, seconds: float) -> None:
         """Count one answered request."""
-        route = self.route_label(path)
-        self.requests.labels(route, method, str(code)).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (path, method, code)
+        children = self._children.get(key)
+        if children is None:
+            # labels() resolves and locks on every call: a measurable share of a small request.
+            route = self.route_label(path)
+            children = (self.requests.labels(route, method, str(code)), self.latency.labels(route))
+            if len(self._children) < _MAX_CACHED_LABELS:  # unknown paths must not grow it
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, rows: int, requests: int, forward_s: float, queued_s: float) -> None:
         """Record one forward pass (the batcher's observer)."""
