@@ -116,8 +116,9 @@ def test_jobs_and_models_in_a_browser(cluster, tmp_path: Path) -> None:
 
         page.click("#nav-models")
         expect(page.locator("#models tbody tr")).to_have_count(3)
-        page.select_option("select[name=type]", "classifier")
-        page.fill("input[name=flops]", "1M..")
+        # The filters' own fields: the upload form (upload.js) has a "type" select too.
+        page.select_option("#filters select[name=type]", "classifier")
+        page.fill("#filters input[name=flops]", "1M..")
         page.click("#filters button[type=submit]")
         expect(page.locator("#models tbody tr")).to_have_count(1)
         expect(page.locator('#models tbody tr[data-ref="mlp:2"]')).to_be_visible()

@@ -315,24 +315,10 @@ def list_cmd(pattern: str, site_ref: str | None, as_json: bool) -> None:
 
 
 def _summary(sdir: Any, state: J.SearchState, spec: Any) -> dict[str, Any]:
-    best = state.best_trial(spec.search.direction)
-    counts: dict[str, int] = {}
-    for t in state.trials.values():
-        counts[t.state] = counts.get(t.state, 0) + 1
+    from aimass_hpc.launch.search_launch import describe_search
+
     return {
-        "search_dir": str(sdir.path),
-        "name": spec.search.name,
-        "sampler": spec.search.sampler,
-        "direction": spec.search.direction,
-        "metric": spec.search.metric,
-        "budget": spec.search.budget,
-        "parallel": spec.search.parallel,
-        "seed": spec.search.seed,
-        "finished": state.finished,
-        "cancelled": state.cancel_requested,
-        "counts": counts,
-        "best": best.to_dict() if best else None,
-        "promoted": state.promoted,
+        **describe_search(sdir, state, spec),
         "driver": _driver_text(sdir, state),
         "trials": [t.to_dict() for t in state.trials.values()],
     }

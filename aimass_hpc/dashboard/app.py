@@ -33,6 +33,7 @@ from aimass_hpc.dashboard import cluster, searches, services, training, upload
 from aimass_hpc.dashboard.auth import COOKIE, CSRF_HEADER, Auth, Session
 from aimass_hpc.dashboard.jobs import STATES, JobsView
 from aimass_hpc.dashboard.models import ModelsView
+from aimass_hpc.dashboard.paging import Paged, PageNo, PageSize
 from aimass_hpc.repo import ModelRepository
 
 HERE = Path(__file__).parent
@@ -218,14 +219,10 @@ def create_app(
 
     @app.get("/api/jobs")
     def list_jobs(
-        _: Reader,
-        q: Annotated[str, Query(max_length=200)] = "",
-        state: Annotated[str, Query(max_length=40)] = "",
-        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-        page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+        _: Reader, paging: Paged, state: Annotated[str, Query(max_length=40)] = ""
     ) -> dict[str, Any]:
         """The viewer's jobs, newest first: one page, filtered by name/id and state."""
-        return jobs.page(q=q, state=state, page=page, page_size=page_size)
+        return jobs.page(q=paging.q, state=state, page=paging.page, page_size=paging.page_size)
 
     @app.get("/api/jobs/{job_id}")
     def job_detail(_: Reader, job_id: JobId) -> dict[str, Any]:
@@ -267,8 +264,8 @@ def create_app(
         metric: Annotated[list[str] | None, Query(max_length=20)] = None,
         tag: Annotated[list[str] | None, Query(max_length=20)] = None,
         kind: Annotated[str, Query(pattern="^(|model|checkpoint|sharded)$")] = "",
-        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-        page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+        page: PageNo = 1,
+        page_size: PageSize = 50,
     ) -> dict[str, Any]:
         """Versions matching name (glob), type, FLOPs/memory ranges, metric ranges and tags."""
         return models.search(

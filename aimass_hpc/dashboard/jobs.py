@@ -5,6 +5,10 @@ Server-side paging and filtering: every call lists the run directories (names an
 scheduler about at most one page of jobs (all of the filtered ones only when filtering by
 state). A job that has ended is asked about once: its status and owner are kept in memory.
 
+Parsed ``state.json`` files, specs and metrics summaries are kept between calls while the
+file stays the same (:class:`~aimass_hpc.dashboard.filecache.FileCache`), so a poll of
+thousands of runs costs a directory listing and a stat per run.
+
 Who owns a job is Slurm's word (``squeue``/``sacct`` user); where the scheduler does not know
 the job (a local backend, a job accounting has forgotten) it is the run directory's owner.
 """
@@ -24,10 +28,12 @@ from aimass_hpc.common.errors import AimassError, InputError, NotFoundError
 from aimass_hpc.common.slurm_cli import run_command, submission_env
 from aimass_hpc.common.slurm_states import JobState
 from aimass_hpc.config.site import Site
+from aimass_hpc.dashboard.filecache import FileCache
+from aimass_hpc.dashboard.paging import page_of, path_owner
 from aimass_hpc.launch.failure_report import rank_lines, settled_outcome
 from aimass_hpc.launch.runs import RunDir, list_runs
 from aimass_hpc.launch.scheduler import JobStatus, get_scheduler
-from aimass_hpc.runtime.metrics import read_metrics, summarize
+from aimass_hpc.runtime.metrics import METRICS_FILE, read_metrics, summarize
 
 # The most log text one call returns (the page asks again from the offset it got).
 LOG_CHUNK = 256 * 1024
@@ -69,6 +75,9 @@ class JobsView:
         self._owners: dict[str, str | None] = {}
         self._final: dict[str, dict[str, Any]] = {}  # ended jobs (they do not change)
         self._lock = threading.Lock()
+        self._states: FileCache[dict[str, Any]] = FileCache()
+        self._specs: FileCache[Any] = FileCache()
+        self._summaries: FileCache[dict[str, Any] | None] = FileCache()
 
     # ------------------------------------------------------------------ listing
 
@@ -76,9 +85,12 @@ class JobsView:
         """Every submitted run under the runs root, newest submission first (no scheduler
         call; the directory names only order runs to the second)."""
         out: list[tuple[float, Row]] = []
-        for run in _all_runs(self.site.runs_root):
+        runs = _all_runs(self.site.runs_root)
+        for run in runs:
             try:
-                state = run.read_state()
+                state = self._states.get(run.state_path, run.read_state)
+            except FileNotFoundError:
+                continue  # removed since it was listed
             except AimassError:
                 continue  # a damaged state.json: `aimass status` names it
             job_id = state.get("job_id")
@@ -90,7 +102,33 @@ class JobsView:
             row = Row(job_id, run, str(state.get("name") or run.path.name), recorded)
             out.append((when if isinstance(when, int | float) else 0, row))
         out.sort(key=lambda item: item[0], reverse=True)  # stable: names break ties
+        alive = {run.path for run in runs}
+        for cache in (self._states, self._specs, self._summaries):
+            cache.keep(alive)  # forget removed runs
         return [row for _, row in out]
+
+    def summary(self, run: RunDir) -> dict[str, Any] | None:
+        """:func:`~aimass_hpc.runtime.metrics.summarize` of the run's metrics, kept while
+        ``metrics.jsonl`` stays the same (FileNotFoundError without one)."""
+        path = run.path / METRICS_FILE
+        return self._summaries.get(path, lambda: summarize(run.path))
+
+    def _progress(self, run: RunDir) -> dict[str, Any] | None:
+        """Training progress (step, total steps, loss) from the run's metrics, if it logs any."""
+        try:
+            summary = self.summary(run)
+        except (OSError, ValueError):
+            return None
+        if not summary or not summary.get("step"):
+            return None
+        return {k: summary.get(k) for k in ("step", "total_steps", "loss")}
+
+    def _gpus(self, run: RunDir) -> Any:
+        """Nodes x GPUs the spec asked for (the spec does not change: kept)."""
+        try:
+            return self._specs.get(run.spec_path, lambda: _gpus(run))
+        except OSError:
+            return None
 
     def owners(self, rows: list[Row]) -> dict[str, str | None]:
         """Owner of each row's job: Slurm's user, else the run directory's owner (cached)."""
@@ -99,7 +137,7 @@ class JobsView:
         if missing:
             found = self._slurm_users([r.job_id for r in missing])
             for row in missing:
-                owner = found.get(row.job_id.split("_", 1)[0]) or _path_owner(row.run.path)
+                owner = found.get(row.job_id.split("_", 1)[0]) or path_owner(row.run.path)
                 with self._lock:
                     self._owners[row.job_id] = owner
         with self._lock:
@@ -195,27 +233,22 @@ class JobsView:
         if state:
             shown = self.statuses(rows, ask=False)
             rows = [r for r in rows if shown[r.job_id]["state"] == state]
-        total = len(rows)
-        start = (page - 1) * page_size
-        chunk = rows[start : start + page_size]
+        out = page_of(rows, page, page_size)
+        chunk: list[Row] = out["rows"]
         shown = self.statuses(chunk)
-        return {
-            "total": total,
-            "page": page,
-            "page_size": page_size,
-            "rows": [
-                {
-                    "job_id": r.job_id,
-                    "name": r.name,
-                    "owner": owners[r.job_id],
-                    "run_dir": str(r.run.path),
-                    "gpus": _gpus(r.run),
-                    "progress": _progress(r.run),
-                    **shown[r.job_id],
-                }
-                for r in chunk
-            ],
-        }
+        out["rows"] = [
+            {
+                "job_id": r.job_id,
+                "name": r.name,
+                "owner": owners[r.job_id],
+                "run_dir": str(r.run.path),
+                "gpus": self._gpus(r.run),
+                "progress": self._progress(r.run),
+                **shown[r.job_id],
+            }
+            for r in chunk
+        ]
+        return out
 
     # ------------------------------------------------------------------ one job
 
@@ -249,7 +282,7 @@ class JobsView:
             "spec": spec,
             "script": script,
             "logs": logs,
-            "gpus": _gpus(run),
+            "gpus": self._gpus(run),
         }
 
     def log(
@@ -304,13 +337,6 @@ def _recorded(outcome: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _path_owner(path: Path) -> str | None:
-    try:
-        return pwd.getpwuid(path.stat().st_uid).pw_name
-    except (OSError, KeyError):
-        return None
-
-
 def _gpus(run: RunDir) -> Any:
     """Nodes x GPUs the spec asked for, where the spec says (``{"nodes", "gpus_per_node"}``)."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -320,17 +346,6 @@ def _gpus(run: RunDir) -> Any:
         if nodes is not None or gpus is not None:
             return {"nodes": nodes, "gpus_per_node": gpus}
     return None
-
-
-def _progress(run: RunDir) -> dict[str, Any] | None:
-    """Training progress (step, total steps, loss) from the run's metrics, if it logs any."""
-    try:
-        summary = summarize(run.path)
-    except (OSError, ValueError):
-        return None
-    if not summary or not summary.get("step"):
-        return None
-    return {k: summary.get(k) for k in ("step", "total_steps", "loss")}
 
 
 def _read_text(path: Path) -> str | None:

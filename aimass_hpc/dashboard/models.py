@@ -6,6 +6,7 @@ from typing import Any
 
 from aimass_hpc.common.errors import InputError, NotFoundError
 from aimass_hpc.common.units import Range, parse_range
+from aimass_hpc.dashboard.paging import page_of
 from aimass_hpc.repo import ModelRepository
 from aimass_hpc.repo.records import Version
 
@@ -79,15 +80,11 @@ class ModelsView:
             model_type=model_type or None,
         )
         found.sort(key=lambda v: (v.name, -v.number))
-        start = (page - 1) * page_size
-        chunk = found[start : start + page_size]
+        out = page_of(found, page, page_size)
+        chunk = out["rows"]
         aliases = {n: self._aliases_of(n) for n in {v.name for v in chunk}}
-        return {
-            "total": len(found),
-            "page": page,
-            "page_size": page_size,
-            "rows": [row(v, aliases[v.name].get(v.number, [])) for v in chunk],
-        }
+        out["rows"] = [row(v, aliases[v.name].get(v.number, [])) for v in chunk]
+        return out
 
     def model(self, name: str) -> dict[str, Any]:
         """Every version of ``name`` (newest first) with lineage, and its aliases' histories."""

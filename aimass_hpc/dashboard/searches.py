@@ -17,7 +17,6 @@ means the objective's rank does not depend on the bin at all, 1 that the bin dec
 
 # No "from __future__ import annotations" (FastAPI resolves the Annotated aliases).
 import math
-import pwd
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from fastapi.responses import Response
 from aimass_hpc.common.errors import AimassError, ConflictError, InputError, NotFoundError
 from aimass_hpc.config.search_spec import SearchSpec
 from aimass_hpc.dashboard.jobs import visible
+from aimass_hpc.dashboard.paging import Paged, PageNo, PageSize, page_of, path_owner
 from aimass_hpc.launch import journal as J
 from aimass_hpc.launch import search_driver as D
 from aimass_hpc.launch import search_launch as L
@@ -133,13 +133,6 @@ def _sort_key(column: str, t: J.TrialRecord) -> tuple[Any, ...]:
     return (0, 0, n, "") if n is not None else (0, 1, 0.0, str(v))
 
 
-def _owner(path: Path) -> str | None:
-    try:
-        return pwd.getpwuid(path.stat().st_uid).pw_name
-    except (OSError, KeyError):
-        return None
-
-
 @dataclass
 class _Cached:
     journal: J.Journal
@@ -161,7 +154,7 @@ class SearchesView:
 
     def _visible(self, path: Path) -> bool:
         jobs = self.ctx.jobs
-        return visible(_owner(path / J.JOURNAL_NAME), jobs.viewer, jobs.admins)
+        return visible(path_owner(path / J.JOURNAL_NAME), jobs.viewer, jobs.admins)
 
     def _state(self, path: Path) -> tuple[J.SearchState, _Cached]:
         """The search's state, brought up to date with what was appended since last time."""
@@ -192,35 +185,24 @@ class SearchesView:
         """One search as the list shows it (``aimass search list``'s fields)."""
         try:
             state, _ = self._state(path)
-            settings = (state.spec or {}).get("search")
-            if not isinstance(settings, dict) or not isinstance(settings.get("name"), str):
-                raise InputError("the journal has no search_created record")
+            settings = L.journaled_settings(state)
         except AimassError as exc:
             return {"id": path.name, "name": path.name, "state": "damaged", "note": str(exc)[:200],
                     "trials_done": 0, "trials": 0, "budget": None, "best_value": None,
                     "best_trial": None, "best_ref": None, "created_at": None}  # fmt: skip
-        best = state.best_trial(str(settings.get("direction", "minimize")))
-        promoted = state.promoted or {}
-        best_ref = None
-        if promoted.get("model"):
-            best_ref = f"{promoted['model']}@{promoted.get('alias') or D.BEST_ALIAS}"
-        if state.finished:
-            status = "cancelled" if state.cancel_requested else "finished"
-        else:
-            status = "running" if L.driver_alive(D.SearchDir(path)) else "stopped"
-        budget = settings.get("budget")
+        s = L.summarize_state(D.SearchDir(path), state, settings)
         return {
             "id": path.name,
-            "name": settings["name"],
-            "state": status,
+            "name": s.name,
+            "state": s.state,
             "note": "",
-            "trials_done": sum(1 for t in state.trials.values() if t.terminal),
+            "trials_done": s.done,
             "trials": state.n_proposed,
-            "budget": budget if isinstance(budget, int) else None,
-            "best_value": None if best is None else best.value,
-            "best_trial": None if best is None else best.id,
-            "best_ref": best_ref,
-            "created_at": state.created_at,
+            "budget": s.budget,
+            "best_value": s.best_value,
+            "best_trial": s.best_trial,
+            "best_ref": s.best_ref,
+            "created_at": s.created_at,
             "direction": settings.get("direction"),
             "metric": settings.get("metric"),
             "sampler": settings.get("sampler"),
@@ -238,37 +220,22 @@ class SearchesView:
             needle = q.lower()
             rows = [r for r in rows if needle in r["name"].lower() or needle in r["id"].lower()]
         rows.sort(key=lambda r: (r["created_at"] or 0.0, r["id"]), reverse=True)
-        start = (page - 1) * page_size
-        return {"total": len(rows), "page": page, "page_size": page_size,
-                "rows": rows[start : start + page_size]}  # fmt: skip
+        return page_of(rows, page, page_size)
 
     def detail(self, sid: str) -> dict[str, Any]:
         """Settings, counts, best trial, driver and parameter names of one search."""
         path = self.find(sid)
         state, cached = self._state(path)
         spec = self._spec(path, state, cached)
-        counts: dict[str, int] = {}
-        for t in state.trials.values():
-            counts[t.state] = counts.get(t.state, 0) + 1
-        best = state.best_trial(spec.search.direction)
-        holder = L.driver_holder(D.SearchDir(path))
+        sdir = D.SearchDir(path)
+        holder = L.driver_holder(sdir)
         driver = None
         if holder is not None:
             driver = {"pid": holder.pid, "host": holder.host, "beat_s": holder.heartbeat_age_s}
         return {
             **self.summary(path),
-            "search_dir": str(path),
-            "name": spec.search.name,
-            "sampler": spec.search.sampler,
-            "direction": spec.search.direction,
-            "metric": spec.search.metric,
-            "budget": spec.search.budget,
-            "parallel": spec.search.parallel,
-            "finished": state.finished,
+            **L.describe_search(sdir, state, spec),
             "cancel_requested": state.cancel_requested,
-            "counts": counts,
-            "best": best.to_dict() if best else None,
-            "promoted": state.promoted,
             "driver": driver,
             "driver_jobs": [d.get("job_id") for d in state.driver_jobs],
             "params": list(spec.space_obj().names),
@@ -297,10 +264,9 @@ class SearchesView:
             missing = [t for t in rows if _sort_key(sort, t)[0] == 1]
             present.sort(key=lambda t: _sort_key(sort, t), reverse=order == "desc")
             rows = present + missing  # no value: last either way
-        start = (page - 1) * page_size
-        chunk = [t.to_dict() for t in rows[start : start + page_size]]
-        return {"total": len(rows), "page": page, "page_size": page_size, "sort": sort,
-                "order": order, "rows": chunk}  # fmt: skip
+        out = page_of(rows, page, page_size, sort=sort, order=order)
+        out["rows"] = [t.to_dict() for t in out["rows"]]
+        return out
 
     def plots(self, sid: str) -> dict[str, Any]:
         """Best so far (by completion), parallel coordinates on [0, 1] axes, importance."""
@@ -402,15 +368,10 @@ def add_routes(app: FastAPI, ctx: "Ctx") -> None:
                         trial_states=TRIAL_STATES)  # fmt: skip
 
     @app.get("/api/searches")
-    def list_searches(
-        _: Reader,  # type: ignore[valid-type]
-        q: Annotated[str, Query(max_length=200)] = "",
-        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-        page_size: Annotated[int, Query(ge=1, le=500)] = 50,
-    ) -> dict[str, Any]:
+    def list_searches(_: Reader, paging: Paged) -> dict[str, Any]:  # type: ignore[valid-type]
         """The viewer's searches, newest first: name, state, trials done/budget, best."""
         with view.lock:
-            return view.listing(q=q, page=page, page_size=page_size)
+            return view.listing(q=paging.q, page=paging.page, page_size=paging.page_size)
 
     @app.get("/api/searches/{sid}")
     def search_detail(_: Reader, sid: Sid) -> dict[str, Any]:  # type: ignore[valid-type]
@@ -425,8 +386,8 @@ def add_routes(app: FastAPI, ctx: "Ctx") -> None:
         state: Annotated[str, Query(max_length=20)] = "",
         sort: Annotated[str, Query(max_length=120)] = "id",
         order: Annotated[str, Query(pattern="^(asc|desc)$")] = "asc",
-        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-        page_size: Annotated[int, Query(ge=1, le=500)] = 50,
+        page: PageNo = 1,
+        page_size: PageSize = 50,
     ) -> dict[str, Any]:
         """One page of trials, filtered by state and sorted by any column."""
         with view.lock:

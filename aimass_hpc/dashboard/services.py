@@ -10,7 +10,7 @@ rollback and stop wait for replicas, so they run in a thread and the page follow
 
 # No "from __future__ import annotations" (FastAPI resolves the Annotated aliases).
 import math
-import pwd
+import os
 import threading
 import time
 from collections import deque
@@ -26,10 +26,17 @@ from pydantic import BaseModel, Field
 
 from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError
 from aimass_hpc.dashboard.jobs import visible
+from aimass_hpc.dashboard.paging import Paged, page_of, path_owner
 from aimass_hpc.launch import serving
 from aimass_hpc.repo.refs import Ref
 from aimass_hpc.serve.auth import read_token, token_path
-from aimass_hpc.serve.endpoints import FINAL_STATES, EndpointRecord, EndpointState, find_records
+from aimass_hpc.serve.endpoints import (
+    ENDPOINTS_DIRNAME,
+    FINAL_STATES,
+    EndpointRecord,
+    EndpointState,
+    read_records,
+)
 
 if TYPE_CHECKING:
     from aimass_hpc.dashboard.app import Ctx
@@ -207,15 +214,24 @@ def run_bench(urls: list[str], token: str, body: BenchBody) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the view
 
 
+def _service_dirs(root: Path) -> list[Path]:
+    """The run directories under ``root`` that hold endpoint records (``aimass serve`` and
+    the dashboard start services in the runs root itself).
+
+    One listing of the root and a stat per entry: unlike
+    :func:`~aimass_hpc.serve.endpoints.find_records`, which globs every run directory's
+    subdirectories a few levels deep, costly at thousands of runs.
+    """
+    try:
+        with os.scandir(root) as it:
+            entries = [e.path for e in it if not e.name.startswith(".") and e.is_dir()]
+    except OSError:  # no runs root yet: no services
+        return []
+    return [Path(p) for p in entries if os.path.isdir(os.path.join(p, ENDPOINTS_DIRNAME))]
+
+
 def _running(op: dict[str, Any] | None) -> bool:
     return op is not None and op.get("state") == "running"
-
-
-def _owner(path: Path) -> str | None:
-    try:
-        return pwd.getpwuid(path.stat().st_uid).pw_name
-    except (OSError, KeyError):
-        return None
 
 
 class ServicesView:
@@ -235,13 +251,15 @@ class ServicesView:
         """Records by run directory name (the viewer's services only)."""
         groups: dict[str, list[EndpointRecord]] = {}
         dirs: dict[str, Path] = {}
-        for rec in find_records(self.site.runs_root):
+        records = [rec for path in _service_dirs(self.site.runs_root) for rec in read_records(path)]
+        records.sort(key=lambda r: (r.started, r.key))  # as find_records orders them
+        for rec in records:
             path = Path(rec.run_dir)
             groups.setdefault(path.name, []).append(rec)
             dirs[path.name] = path
         return {
             n: recs for n, recs in groups.items()
-            if visible(_owner(dirs[n]), self.ctx.viewer, self.ctx.jobs.admins)
+            if visible(path_owner(dirs[n]), self.ctx.viewer, self.ctx.jobs.admins)
         }  # fmt: skip
 
     def _records(self, name: str) -> list[EndpointRecord]:
@@ -290,9 +308,7 @@ class ServicesView:
             needle = q.lower()
             rows = [r for r in rows if needle in r["name"].lower() or needle in r["model"].lower()]
         rows.sort(key=lambda r: r["started"], reverse=True)
-        start = (page - 1) * page_size
-        return {"total": len(rows), "page": page, "page_size": page_size,
-                "rows": rows[start : start + page_size]}  # fmt: skip
+        return page_of(rows, page, page_size)
 
     def detail(self, name: str) -> dict[str, Any]:
         """Replicas with health, version, node, history and metrics; desired vs actual;
@@ -473,14 +489,12 @@ def add_routes(app: FastAPI, ctx: "Ctx") -> None:
     @app.get("/api/services")
     def list_services(
         _: Reader,  # type: ignore[valid-type]
-        q: Annotated[str, Query(max_length=200)] = "",
+        paging: Paged,
         show: Annotated[str, Query(pattern="^(live|all)$")] = "live",
-        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-        page_size: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> dict[str, Any]:
         """The viewer's services (newest first), filtered by name/model; ``show=all``
         includes stopped ones."""
-        return view.page(q=q, show=show, page=page, page_size=page_size)
+        return view.page(q=paging.q, show=show, page=paging.page, page_size=paging.page_size)
 
     @app.post("/api/services")
     def start_service(_: Writer, body: StartBody) -> dict[str, Any]:  # type: ignore[valid-type]

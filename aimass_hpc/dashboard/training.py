@@ -16,7 +16,8 @@ from fastapi.responses import Response
 
 from aimass_hpc.common.errors import InputError
 from aimass_hpc.dashboard.jobs import visible
-from aimass_hpc.runtime.metrics import METRICS_FILE, read_metrics, summarize
+from aimass_hpc.dashboard.paging import Paged
+from aimass_hpc.runtime.metrics import METRICS_FILE, read_metrics
 
 if TYPE_CHECKING:
     from aimass_hpc.dashboard.app import Ctx
@@ -87,37 +88,33 @@ def add_routes(app: FastAPI, ctx: "Ctx") -> None:
         return ctx.page("training.html", request, page_name="training", max_runs=MAX_RUNS)
 
     @app.get("/api/training")
-    def list_training(
-        _: Reader,  # type: ignore[valid-type]
-        q: Annotated[str, Query(max_length=200)] = "",
-        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-        page_size: Annotated[int, Query(ge=1, le=500)] = 50,
-    ) -> dict[str, Any]:
+    def list_training(_: Reader, paging: Paged) -> dict[str, Any]:  # type: ignore[valid-type]
         """The viewer's training runs (jobs with metrics), newest first: state, step, last
         loss and metrics. Only the page's jobs are asked about and summarized."""
         rows = [r for r in jobs.rows() if (r.run.path / METRICS_FILE).is_file()]
         owners = jobs.owners(rows)
         rows = [r for r in rows if visible(owners[r.job_id], jobs.viewer, jobs.admins)]
-        if q:
-            needle = q.lower()
+        if paging.q:
+            needle = paging.q.lower()
             rows = [r for r in rows if needle in r.name.lower() or needle in r.job_id]
-        start = (page - 1) * page_size
-        chunk = rows[start : start + page_size]
+        out = paging.of(rows)
+        chunk = out["rows"]
         shown = jobs.statuses(chunk)
-        out = []
+        listed = []
         for r in chunk:
             try:
-                summary = summarize(r.run.path) or {}
+                summary = jobs.summary(r.run) or {}
             except (OSError, ValueError):
                 summary = {}
-            out.append({
+            listed.append({
                 "job_id": r.job_id, "name": r.name, "state": shown[r.job_id]["state"],
                 "elapsed": shown[r.job_id]["elapsed"], "step": summary.get("step"),
                 "total_steps": summary.get("total_steps"), "loss": summary.get("loss"),
                 "samples_per_s": summary.get("samples_per_s"),
                 "metrics": summary.get("metrics") or {},
             })  # fmt: skip
-        return {"total": len(rows), "page": page, "page_size": page_size, "rows": out}
+        out["rows"] = listed
+        return out
 
     @app.get("/api/training/curves")
     def training_curves(

@@ -132,14 +132,56 @@ def _summarize(sdir: D.SearchDir) -> SearchSummary:
 
     try:
         state = sdir.state()
-        # The journaled spec as recorded (not re-validated: a list must not load every
-        # search's training spec, nor fail when one was moved since).
-        settings = (state.spec or {}).get("search")
-        if not isinstance(settings, dict) or not isinstance(settings.get("name"), str):
-            raise ValueError("the journal has no search_created record")
+        settings = journaled_settings(state)
     except (AimassError, OSError, ValueError) as exc:
         return SearchSummary(sdir.path.name, "damaged", 0, None, None, None, None, sdir.path,
                              None, note=str(exc)[:200])  # fmt: skip
+    return summarize_state(sdir, state, settings)
+
+
+def journaled_settings(state: J.SearchState) -> dict[str, Any]:
+    """The ``search`` settings as journaled (not re-validated: a list must not load every
+    search's training spec, nor fail when one was moved since); InputError without them."""
+    settings = (state.spec or {}).get("search")
+    if not isinstance(settings, dict) or not isinstance(settings.get("name"), str):
+        raise InputError("the journal has no search_created record")
+    return settings
+
+
+def trial_counts(state: J.SearchState) -> dict[str, int]:
+    """How many trials are in each state (``{"finished": 12, "running": 2}``)."""
+    counts: dict[str, int] = {}
+    for t in state.trials.values():
+        counts[t.state] = counts.get(t.state, 0) + 1
+    return counts
+
+
+def describe_search(sdir: D.SearchDir, state: J.SearchState, spec: SearchSpec) -> dict[str, Any]:
+    """One search's settings, trial counts, best trial and promoted model (the fields
+    ``aimass search status --json`` and the dashboard's search page share)."""
+    best = state.best_trial(spec.search.direction)
+    return {
+        "search_dir": str(sdir.path),
+        "name": spec.search.name,
+        "sampler": spec.search.sampler,
+        "direction": spec.search.direction,
+        "metric": spec.search.metric,
+        "budget": spec.search.budget,
+        "parallel": spec.search.parallel,
+        "seed": spec.search.seed,
+        "finished": state.finished,
+        "cancelled": state.cancel_requested,
+        "counts": trial_counts(state),
+        "best": best.to_dict() if best else None,
+        "promoted": state.promoted,
+    }
+
+
+def summarize_state(
+    sdir: D.SearchDir, state: J.SearchState, settings: dict[str, Any]
+) -> SearchSummary:
+    """One search as ``aimass search list`` (and the dashboard) shows it, from its journal
+    ``state`` already read and its :func:`journaled_settings`."""
     budget = settings.get("budget")
     best = state.best_trial(str(settings.get("direction", "minimize")))
     promoted = state.promoted or {}

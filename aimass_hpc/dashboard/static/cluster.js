@@ -4,15 +4,7 @@
 (function () {
   const body = document.body;
   if (body.dataset.page !== "cluster") return;
-  const BASE = body.dataset.base || "/";
-  const POLL_MS = 5000;
-  function el(tag, text, attrs) {
-    const node = document.createElement(tag);
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-    return node;
-  }
-  function showError(msg) { const p = document.getElementById("error"); p.hidden = !msg; p.textContent = msg || ""; }
+  const { el, api, poll } = window.aimass;
   function row(cells, attrs) { const tr = el("tr", null, attrs); for (const c of cells) tr.append(c instanceof Node ? c : el("td", c)); return tr; }
   function usage(used, total) {
     const td = el("td");
@@ -23,32 +15,24 @@
     return td;
   }
   function n(v) { return v === null || v === undefined ? "-" : String(+Number(v).toPrecision(4)); }
-  async function refresh() {
-    try {
-      const resp = await fetch(BASE + "api/cluster", { headers: { Accept: "application/json" }, credentials: "same-origin" });
-      if (resp.status === 401) { window.location.href = BASE + "login"; return; }
-      const d = await resp.json().catch(() => ({}));
-      if (!resp.ok) throw new Error(typeof d.detail === "string" ? d.detail : String(resp.status));
-      const t = d.totals;
-      document.getElementById("totals").textContent = t.nodes + " nodes · CPUs " + t.cpus_alloc + "/" + t.cpus_total + " allocated · GPUs " + t.gpus_alloc + "/" + t.gpus_total + " allocated";
-      document.querySelector("#partitions tbody").replaceChildren(...d.partitions.map((p) => row([
-        p.partition + (p.default ? " (default)" : ""), p.avail, p.time_limit, p.nodes,
-        Object.entries(p.states).map(([k, v]) => k + " " + v).join(", "), usage(p.cpus_alloc, p.cpus_total), p.gres.join(", ") || "-",
-      ], { "data-partition": p.partition })));
-      document.querySelector("#nodes tbody").replaceChildren(...d.nodes.map((x) => row([
-        x.node, x.state, x.partitions.join(", "), usage(x.cpus_alloc, x.cpus_total), usage(x.gpus_alloc, x.gpus_total),
-        (x.mem_alloc_mb || 0) + "/" + (x.mem_mb === null ? "?" : x.mem_mb) + " MB", x.cpu_load || "-",
-      ], { "data-node": x.node })));
-      document.querySelector("#reservations tbody").replaceChildren(...d.reservations.map((r) => row([
-        r.ReservationName, r.State || "-", r.Nodes || "-", r.StartTime || "-", r.EndTime || "-", r.Users || "-", r.Flags || "-",
-      ], { "data-reservation": r.ReservationName })));
-      document.getElementById("fairshare-none").hidden = d.fairshare !== null;
-      document.querySelector("#fairshare tbody").replaceChildren(...(d.fairshare || []).map((f) => row([
-        f.account, n(f.rawshares), n(f.normshares), n(f.rawusage), n(f.effectvusage), n(f.fairshare),
-      ], { "data-account": f.account || "" })));
-      showError("");
-    } catch (e) { showError(e.message); }
-    setTimeout(refresh, POLL_MS);
-  }
-  refresh();
+  poll(async () => {
+    const d = await api("api/cluster");
+    const t = d.totals;
+    document.getElementById("totals").textContent = t.nodes + " nodes · CPUs " + t.cpus_alloc + "/" + t.cpus_total + " allocated · GPUs " + t.gpus_alloc + "/" + t.gpus_total + " allocated";
+    document.querySelector("#partitions tbody").replaceChildren(...d.partitions.map((p) => row([
+      p.partition + (p.default ? " (default)" : ""), p.avail, p.time_limit, p.nodes,
+      Object.entries(p.states).map(([k, v]) => k + " " + v).join(", "), usage(p.cpus_alloc, p.cpus_total), p.gres.join(", ") || "-",
+    ], { "data-partition": p.partition })));
+    document.querySelector("#nodes tbody").replaceChildren(...d.nodes.map((x) => row([
+      x.node, x.state, x.partitions.join(", "), usage(x.cpus_alloc, x.cpus_total), usage(x.gpus_alloc, x.gpus_total),
+      (x.mem_alloc_mb || 0) + "/" + (x.mem_mb === null ? "?" : x.mem_mb) + " MB", x.cpu_load || "-",
+    ], { "data-node": x.node })));
+    document.querySelector("#reservations tbody").replaceChildren(...d.reservations.map((r) => row([
+      r.ReservationName, r.State || "-", r.Nodes || "-", r.StartTime || "-", r.EndTime || "-", r.Users || "-", r.Flags || "-",
+    ], { "data-reservation": r.ReservationName })));
+    document.getElementById("fairshare-none").hidden = d.fairshare !== null;
+    document.querySelector("#fairshare tbody").replaceChildren(...(d.fairshare || []).map((f) => row([
+      f.account, n(f.rawshares), n(f.normshares), n(f.rawusage), n(f.effectvusage), n(f.fairshare),
+    ], { "data-account": f.account || "" })));
+  }, { ms: 5000 });
 })();

@@ -3,7 +3,7 @@
 // and cancel / resume.
 "use strict";
 (function () {
-  const P = window.AimassPages;
+  const P = window.aimass;
   const page = document.body.dataset.page;
 
   function searchesPage() {
@@ -27,12 +27,10 @@
     const sid = document.body.dataset.search;
     const path = "api/searches/" + encodeURIComponent(sid);
     const form = document.getElementById("filters");
-    const notice = document.getElementById("notice");
     const thead = document.querySelector("#trials thead tr");
     const tbody = document.querySelector("#trials tbody");
     let detail = null, plotKey = "", bestId = null;
 
-    function say(msg) { notice.hidden = !msg; notice.textContent = msg || ""; }
     function header(columns) {
       if (thead.children.length === columns.length) return;
       thead.replaceChildren(...columns.map((c) => {
@@ -130,11 +128,11 @@
     });
 
     async function act(what, fn) {
-      try { say(await fn()); P.showError(""); } catch (e) { P.showError(what + ": " + e.message); }
+      try { P.say(await fn()); P.showError(""); } catch (e) { P.showError(what + ": " + e.message); }
     }
     document.getElementById("cancel").addEventListener("click", () => {
       if (!window.confirm("Cancel search " + sid + " and its running trials?")) return;
-      say("cancelling…");
+      P.say("cancelling…");
       act("cancel", async () => { const r = await P.api(path + "/cancel", { method: "POST" }); return r.finished ? "search cancelled" : "cancel requested; the driver stops the trials at its next poll"; });
     });
     document.getElementById("resume").addEventListener("click", () => {

@@ -2,39 +2,9 @@
 // Every value reaches the page through textContent, never as HTML.
 "use strict";
 (function () {
+  const A = window.aimass;
   const body = document.body;
-  const BASE = body.dataset.base || "/";
-  const CSRF = body.dataset.csrf || "";
-  const POLL_MS = 3000;
-
-  function el(tag, text, attrs) {
-    const node = document.createElement(tag);
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-    return node;
-  }
-  function showError(msg) {
-    const p = document.getElementById("error");
-    p.hidden = !msg; p.textContent = msg || "";
-  }
-  function say(msg) {
-    const p = document.getElementById("notice");
-    p.hidden = !msg; p.textContent = msg || "";
-  }
-  async function api(path, opts) {
-    opts = opts || {};
-    const headers = { Accept: "application/json" };
-    let payload;
-    if (opts.method && opts.method !== "GET") headers["X-CSRF-Token"] = CSRF;
-    if (opts.json !== undefined) { headers["Content-Type"] = "application/json"; payload = JSON.stringify(opts.json); }
-    const resp = await fetch(BASE + path, { method: opts.method || "GET", headers, body: payload, credentials: "same-origin" });
-    if (resp.status === 401) { window.location.href = BASE + "login"; throw new Error("not logged in"); }
-    const data = await resp.json().catch(() => ({}));
-    if (!resp.ok) throw new Error(typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || resp.status));
-    return data;
-  }
-  function num(v, digits) { return v === null || v === undefined ? "-" : String(+Number(v).toFixed(digits === undefined ? 1 : digits)); }
-  function when(iso) { return (iso || "").slice(0, 19).replace("T", " "); }
+  const { BASE, el, api, showError, say, poll, fixed: num, whenIso: when, formValues } = A;
   function opText(op) {
     if (!op) return "-";
     let text = op.action + ": " + op.state;
@@ -43,67 +13,39 @@
     else if (op.result && op.result.cancelled) text += " (jobs " + (op.result.cancelled.join(", ") || "-") + ")";
     return text;
   }
-  function formValues(form) {
-    const out = {};
-    for (const input of form.elements) {
-      if (!input.name) continue;
-      if (input.type === "checkbox") out[input.name] = input.checked;
-      else if (input.value !== "") out[input.name] = input.type === "number" ? Number(input.value) : input.value;
-    }
-    return out;
-  }
 
   // ------------------------------------------------------------------ the list
   function servicesPage() {
-    const form = document.getElementById("filters");
     const tbody = document.querySelector("#services tbody");
-    const params = new URLSearchParams(window.location.search);
-    for (const input of form.elements) if (input.name && params.has(input.name)) input.value = params.get(input.name);
-    let page = Math.max(1, parseInt(params.get("page") || "1", 10) || 1), total = 0, size = 50, timer = null;
-    async function refresh() {
-      clearTimeout(timer);
-      const q = new URLSearchParams();
-      for (const input of form.elements) if (input.name && input.value && !(input.name === "show" && input.value === "live")) q.set(input.name, input.value);
-      if (page > 1) q.set("page", String(page));
-      history.replaceState(null, "", window.location.pathname + (q.toString() ? "?" + q : ""));
-      try {
-        const data = await api("api/services?" + q);
-        total = data.total; size = data.page_size;
-        document.getElementById("total").textContent = total;
-        document.getElementById("pageno").textContent = page + " of " + Math.max(1, Math.ceil(total / size));
-        tbody.replaceChildren(...data.rows.map((r) => {
-          const tr = el("tr", null, { "data-service": r.name });
-          const name = el("td"); name.append(el("a", r.name, { href: BASE + "services/" + encodeURIComponent(r.name) }));
-          tr.append(name, el("td", r.model), el("td", r.versions.join(", ") || "-"),
-            el("td", r.ready_replicas + "/" + (r.desired_replicas === null || r.desired_replicas === undefined ? "?" : r.desired_replicas)),
-            el("td", Object.entries(r.states).map(([k, v]) => k + " " + v).join(", ")),
-            el("td", r.nodes.join(", ") || "-"), el("td", r.supervised ? "yes" : "no"),
-            el("td", opText(r.operation)), el("td", when(r.started)));
-          return tr;
-        }));
-        showError("");
-      } catch (e) { showError(e.message); }
-      timer = setTimeout(refresh, POLL_MS);
-    }
-    form.addEventListener("submit", (ev) => { ev.preventDefault(); page = 1; refresh(); });
-    document.getElementById("prev").addEventListener("click", () => { if (page > 1) { page--; refresh(); } });
-    document.getElementById("next").addEventListener("click", () => { if (page * size < total) { page++; refresh(); } });
+    const list = A.listing("filters", async (q) => {
+      const data = await api("api/services?" + q);
+      tbody.replaceChildren(...data.rows.map((r) => {
+        const tr = el("tr", null, { "data-service": r.name });
+        const name = el("td"); name.append(el("a", r.name, { href: BASE + "services/" + encodeURIComponent(r.name) }));
+        tr.append(name, el("td", r.model), el("td", r.versions.join(", ") || "-"),
+          el("td", r.ready_replicas + "/" + (r.desired_replicas === null || r.desired_replicas === undefined ? "?" : r.desired_replicas)),
+          el("td", Object.entries(r.states).map(([k, v]) => k + " " + v).join(", ")),
+          el("td", r.nodes.join(", ") || "-"), el("td", r.supervised ? "yes" : "no"),
+          el("td", opText(r.operation)), el("td", when(r.started)));
+        return tr;
+      }));
+      return data;
+    }, { skip: (name, value) => name === "show" && value === "live" });  // the default: not in the URL
     document.getElementById("start").addEventListener("submit", async (ev) => {
       ev.preventDefault();
       try {
         const r = await api("api/services", { method: "POST", json: formValues(ev.target) });
         say("started " + r.name + " (job " + r.job_id + ", " + r.replicas + " replica(s))");
-        showError(""); refresh();
+        showError(""); list.refresh();
       } catch (e) { showError(e.message); }
     });
-    refresh();
   }
 
   // ------------------------------------------------------------------ one service
   function servicePage() {
     const name = body.dataset.service;
     const path = "api/services/" + encodeURIComponent(name);
-    let chart = null, timer = null;
+    let chart = null;
     function drawChart(series) {
       if (typeof Chart === "undefined" || !series.length) return;
       const labels = series.map((p) => new Date(p.t * 1000).toLocaleTimeString());
@@ -120,38 +62,34 @@
         chart.data.labels = labels; chart.data.datasets[0].data = rps; chart.data.datasets[1].data = p95; chart.update();
       }
     }
-    async function refresh() {
-      clearTimeout(timer);
-      try {
-        const d = await api(path);
-        document.getElementById("model").textContent = d.model + (d.alias ? "" : " (fixed version)");
-        document.getElementById("versions").textContent = d.versions.join(", ") || "-";
-        const st = d.status;
-        document.getElementById("replica-count").textContent = "desired " + (st.desired_replicas === null ? "?" : st.desired_replicas) + " (" + st.desired_state + (st.stopping ? ", stopping" : "") + "), " + st.ready_replicas + " READY, " + st.coming_replicas + " coming";
-        const sup = st.supervisor;
-        document.getElementById("supervisor").textContent = sup ? "job " + sup.job_id + " " + (sup.state || "?") + ", heartbeat " + when(sup.heartbeat) + ", replaced " + (sup.replaced || 0) : "none";
-        document.getElementById("operation").textContent = opText(d.operation);
-        const live = d.live;
-        for (const id of ["upgrade-submit", "rollback", "stop", "bench-submit"]) document.getElementById(id).disabled = !live || (d.operation && d.operation.state === "running");
-        document.getElementById("rollback").disabled = document.getElementById("rollback").disabled || !d.alias;
-        document.querySelector("#replicas tbody").replaceChildren(...d.replicas.map((r) => {
-          const tr = el("tr", null, { "data-replica": r.replica, "data-job": r.job_id });
-          const hist = (r.history || []).slice(-4).map((h) => h.state).join(" > ");
-          const last = (r.history || []).length ? r.history[r.history.length - 1].why : "";
-          tr.append(el("td", r.replica), el("td", r.state, { class: "state-" + r.state }),
-            el("td", r.health, { class: "health-" + r.health }), el("td", r.version || "-"), el("td", r.node || "-"),
-            el("td", r.job_id), el("td", num(r.requests_per_s)), el("td", num(r.p50_ms, 2)), el("td", num(r.p95_ms, 2)),
-            el("td", num(r.p99_ms, 2)), el("td", r.requests === undefined ? "-" : r.requests),
-            el("td", hist + (last ? " (" + last + ")" : "")));
-          return tr;
-        }));
-        document.querySelector("#decisions tbody").replaceChildren(...(st.decisions || []).slice().reverse().map((x) =>
-          (() => { const tr = el("tr"); tr.append(el("td", when(x.at)), el("td", x.action), el("td", x.replica === undefined ? "-" : x.replica), el("td", x.new_job_id || x.job_id || "-"), el("td", x.why)); return tr; })()));
-        drawChart(d.series);
-        showError("");
-      } catch (e) { showError(e.message); }
-      timer = setTimeout(refresh, POLL_MS);
+    async function show() {
+      const d = await api(path);
+      document.getElementById("model").textContent = d.model + (d.alias ? "" : " (fixed version)");
+      document.getElementById("versions").textContent = d.versions.join(", ") || "-";
+      const st = d.status;
+      document.getElementById("replica-count").textContent = "desired " + (st.desired_replicas === null ? "?" : st.desired_replicas) + " (" + st.desired_state + (st.stopping ? ", stopping" : "") + "), " + st.ready_replicas + " READY, " + st.coming_replicas + " coming";
+      const sup = st.supervisor;
+      document.getElementById("supervisor").textContent = sup ? "job " + sup.job_id + " " + (sup.state || "?") + ", heartbeat " + when(sup.heartbeat) + ", replaced " + (sup.replaced || 0) : "none";
+      document.getElementById("operation").textContent = opText(d.operation);
+      const live = d.live;
+      for (const id of ["upgrade-submit", "rollback", "stop", "bench-submit"]) document.getElementById(id).disabled = !live || (d.operation && d.operation.state === "running");
+      document.getElementById("rollback").disabled = document.getElementById("rollback").disabled || !d.alias;
+      document.querySelector("#replicas tbody").replaceChildren(...d.replicas.map((r) => {
+        const tr = el("tr", null, { "data-replica": r.replica, "data-job": r.job_id });
+        const hist = (r.history || []).slice(-4).map((h) => h.state).join(" > ");
+        const last = (r.history || []).length ? r.history[r.history.length - 1].why : "";
+        tr.append(el("td", r.replica), el("td", r.state, { class: "state-" + r.state }),
+          el("td", r.health, { class: "health-" + r.health }), el("td", r.version || "-"), el("td", r.node || "-"),
+          el("td", r.job_id), el("td", num(r.requests_per_s)), el("td", num(r.p50_ms, 2)), el("td", num(r.p95_ms, 2)),
+          el("td", num(r.p99_ms, 2)), el("td", r.requests === undefined ? "-" : r.requests),
+          el("td", hist + (last ? " (" + last + ")" : "")));
+        return tr;
+      }));
+      document.querySelector("#decisions tbody").replaceChildren(...(st.decisions || []).slice().reverse().map((x) =>
+        (() => { const tr = el("tr"); tr.append(el("td", when(x.at)), el("td", x.action), el("td", x.replica === undefined ? "-" : x.replica), el("td", x.new_job_id || x.job_id || "-"), el("td", x.why)); return tr; })()));
+      drawChart(d.series);
     }
+    const refresh = poll(show);
     async function act(sub, json, done) {
       try { const r = await api(path + "/" + sub, { method: "POST", json }); say(done(r)); showError(""); refresh(); }
       catch (e) { showError(e.message); }
@@ -182,7 +120,6 @@
       } catch (e) { say(""); showError(e.message); }
       btn.disabled = false;
     });
-    refresh();
   }
 
   if (body.dataset.page === "services") servicesPage();

@@ -2,7 +2,7 @@
 // The selection lives in the URL (?runs=123,124), so a comparison is a link.
 "use strict";
 (function () {
-  const P = window.AimassPages;
+  const P = window.aimass;
   if (document.body.dataset.page !== "training") return;
   const MAX = parseInt(document.body.dataset.maxRuns || "12", 10);
   const start = new URLSearchParams(window.location.search).get("runs") || "";
@@ -35,7 +35,7 @@
     }));
     drawCurves().catch((e) => P.showError(e.message));  // after the listing cleared errors
     return data;
-  }, () => ({ runs: selected.join(",") }));
+  }, { extra: () => ({ runs: selected.join(",") }) });
 
   function changed() { showSelected(); list.refresh(); }
 

@@ -4,15 +4,8 @@
 (function () {
   const body = document.body;
   if (body.dataset.page !== "models") return;
-  const BASE = body.dataset.base || "/";
-  const CSRF = body.dataset.csrf || "";
+  const { el, api, showError } = window.aimass;
   const TYPES = ["", "classifier", "regressor", "language-model", "embedding", "segmentation", "detection", "generative", "other"];
-  function el(tag, text, attrs) {
-    const node = document.createElement(tag);
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-    return node;
-  }
   const box = el("details", null, { id: "upload-box", class: "box" });
   box.append(el("summary", "Upload a model (.pt state dict or .safetensors)"));
   const form = el("form", null, { id: "upload", class: "filters" });
@@ -40,17 +33,11 @@
     if (desc.value) q.set("description", desc.value);
     for (const t of tags.value.split(",").map((s) => s.trim()).filter(Boolean)) q.append("tag", t);
     button.disabled = true; status.textContent = "uploading " + f.name + "…";
-    const err = document.getElementById("error");
     try {
-      const resp = await fetch(BASE + "api/models/upload?" + q, {
-        method: "POST", body: f, credentials: "same-origin",
-        headers: { "Content-Type": "application/octet-stream", "X-CSRF-Token": CSRF, Accept: "application/json" },
-      });
-      const data = await resp.json().catch(() => ({}));
-      if (!resp.ok) throw new Error(typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail || resp.status));
+      const data = await api("api/models/upload?" + q, { method: "POST", body: f, headers: { "Content-Type": "application/octet-stream" } });
       status.textContent = "imported " + f.name + " as " + data.ref;
-      err.hidden = true; form.reset();
-    } catch (e) { status.textContent = ""; err.hidden = false; err.textContent = e.message; }
+      showError(""); form.reset();
+    } catch (e) { status.textContent = ""; showError(e.message); }
     button.disabled = false;
   });
 })();
