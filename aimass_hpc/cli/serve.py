@@ -415,7 +415,7 @@ def endpoints(
     rows = []
     for rec in records:
         health = "-" if no_probe else probe(rec)
-        rows.append({**rec.to_dict(), "health": health})
+        rows.append({**rec.to_dict(), "engine": rec.engine_name, "health": health})
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -423,13 +423,13 @@ def endpoints(
         click.echo(f"no {'' if show_all else 'live '}endpoints under {site.runs_root}")
         return
     table = Table(title=f"endpoints under {site.runs_root}")
-    cols = ("model", "version", "replica", "state", "health", "url", "job", "node", "started")
-    for col in (*cols, "history"):
+    cols = ("model", "version", "engine", "replica", "state", "health", "url", "job", "node")
+    for col in (*cols, "started", "history"):
         table.add_column(col)
     for row in rows:
         style = _STATE_STYLE.get(row["state"], "")
         table.add_row(
-            row["model_ref"], str(row["version"] or "-"), str(row["replica"]),
+            row["model_ref"], str(row["version"] or "-"), row["engine"], str(row["replica"]),
             f"[{style}]{row['state']}[/]" if style else row["state"], row["health"],
             row["url"] or "-", row["job_id"], row["node"] or "-", row["started"][:19],
             _history_cell(row.get("history") or []),
@@ -470,6 +470,17 @@ def _history_cell(history: list[dict[str, Any]], last: int = 4) -> str:
     "--format", "fmt", type=click.Choice(["npy", "json"]), default="npy", show_default=True
 )
 @click.option("--token", help="Bearer token (URL targets; default $AIMASS_SERVE_TOKEN).")
+@click.option(
+    "--llm", is_flag=True, help="An LLM (vLLM) service: streaming completions (auto-detected)."
+)
+@click.option(
+    "--prompt-len", type=click.IntRange(min=1), default=32, show_default=True,
+    help="LLM: prompt length in tokens (about).",
+)  # fmt: skip
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+    help="LLM: tokens generated per request.",
+)  # fmt: skip
 @json_option
 def bench(
     target: str,
@@ -481,11 +492,20 @@ def bench(
     duration: float,
     fmt: str,
     token: str | None,
+    llm: bool,
+    prompt_len: int,
+    max_tokens: int,
     as_json: bool,
 ) -> None:
-    """Load-test a service: throughput and latency percentiles under concurrent requests."""
+    """Load-test a service: throughput and latency percentiles under concurrent requests.
+
+    For an LLM service: requests/s, output tokens/s, time to first token and inter-token
+    latency percentiles of streaming completions.
+    """
     from aimass_hpc.serve.bench import bench_service, parse_shape
     from aimass_hpc.serve.client import Client
+    from aimass_hpc.serve.llm import is_llm_service
+    from aimass_hpc.serve.llm_bench import bench_llm
 
     runs_root = None
     if not target.startswith(("http://", "https://")):
@@ -502,7 +522,15 @@ def bench(
         ) as bar,
     ):  # fmt: skip
         task = bar.add_task("load", total=1.0, ok=0)
+        llm = llm or is_llm_service(client)
         report = {
+            "target": target,
+            **bench_llm(
+                target, runs_root=runs_root, token=token, concurrency=concurrency,
+                prompt_len=prompt_len, max_tokens=max_tokens, duration=duration,
+                progress=lambda frac, ok: bar.update(task, completed=frac, ok=ok),
+            ),
+        } if llm else {
             "target": target,
             **bench_service(
                 client, batch=batch, shape=dims, dtype=dtype, concurrency=concurrency,

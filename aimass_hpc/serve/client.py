@@ -299,6 +299,20 @@ class _Base:
     def _due(self) -> bool:
         return time.monotonic() - self._pool.refreshed >= self.refresh_interval
 
+    # -- for other transports over the same pool (serve/llm.py: OpenAI clients) -------------
+    def refresh_due(self) -> bool:
+        """True when the records were read more than ``refresh_interval`` seconds ago."""
+        return self._due()
+
+    def rotation(self) -> list[Endpoint]:
+        """The live replicas from the next round-robin position, failed ones skipped."""
+        return self._pool.rotation()
+
+    def mark_failed(self, ep: Endpoint) -> None:
+        """Skip ``ep`` until the next refresh: a request to it failed (counted in retries)."""
+        self._pool.mark_bad(ep)
+        self.retries += 1
+
     def _unavailable(self, last_error: str | None) -> ServiceUnavailable:
         return ServiceUnavailable(
             f"no replica of {self.target!r} answered within {self.retry_timeout:g}s"

@@ -11,6 +11,9 @@ trusts one (a record can outlive a replica killed with SIGKILL). DRAINING marks 
 still finishes its in-flight requests but takes no new clients: it is how a blue/green switch
 or a time-limit handover hands traffic over without a failed request.
 
+A record names its replica's ``engine`` (``"vllm"``; None, as in records written before the
+field existed, is the built-in torch server): the supervisor checks each engine its own way.
+
 Every state change is kept in the record's ``history`` (``{state, at, why}``, the newest
 last). A record the service supervisor gave up on is *fenced*: it says FAILED with the reason
 in ``fenced``, and a replica that wakes up later (a SIGSTOP-ed process continued) cannot
@@ -83,6 +86,7 @@ class EndpointRecord:
     message: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # {state, at, why}
     fenced: str | None = None  # why the supervisor took this replica out of service
+    engine: str | None = None  # "vllm", or None for the built-in torch server (older records)
 
     @property
     def url(self) -> str | None:
@@ -91,6 +95,11 @@ class EndpointRecord:
             return None
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def engine_name(self) -> str:
+        """The engine serving this replica: ``engine``, or ``"torch"`` where none is named."""
+        return self.engine or "torch"
 
     @property
     def key(self) -> str:

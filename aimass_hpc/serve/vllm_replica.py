@@ -49,6 +49,9 @@ from aimass_hpc.serve.endpoints import EndpointRecord, EndpointState, cluster_ad
 API_SERVER = "vllm.entrypoints.openai.api_server"
 MIDDLEWARE_MODULE = "aimass_vllm_readyz"
 START_TIMEOUT_S = 900.0  # a large model on a slow filesystem can take minutes
+# After the drain grace, how long vLLM gets to stop before SIGKILL: well within Slurm's
+# KillWait, so the replica's own exit is what ends the step.
+KILL_AFTER_DRAIN_S = 8.0
 
 
 def vllm_command(cfg: dict[str, Any], args: list[str], gpus: int) -> list[str]:
@@ -118,6 +121,7 @@ class VllmReplica:
             pid=os.getpid(),
             node=env.get("SLURMD_NODENAME") or socket.gethostname(),
             token_file=str(token_path(self.run_dir)),
+            engine="vllm",  # the supervisor checks it with a completion, not /v1/predict
         )
         self.stop = False
         self.warning = False
@@ -259,8 +263,10 @@ class VllmReplica:
         deadline = time.monotonic() + float(self.o["drain_grace_s"])
         while time.monotonic() < deadline:
             time.sleep(0.05)
-        self._kill_vllm(float(self.o["drain_timeout_s"]))
+        # Clients have moved on; STOPPED first, because vLLM's shutdown waits for idle
+        # keep-alive connections and Slurm may end the step before it is done.
         write_record(self.record, EndpointState.STOPPED)
+        self._kill_vllm(min(float(self.o["drain_timeout_s"]), KILL_AFTER_DRAIN_S))
         return 0
 
     def _kill_vllm(self, timeout: float = 10.0) -> None:
