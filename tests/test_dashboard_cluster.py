@@ -67,7 +67,8 @@ def test_partitions_nodes_gpus_reservations_and_fair_share(cluster, tmp_path: Pa
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     job = subprocess.run(
-        ["sbatch", "--parsable", "--gres=gpu:2", "-w", "node2", "-t", "2", "--wrap", "sleep 120"],
+        ["sbatch", "--parsable", "--gres=gpu:2", "-w", "node2", "-t", "2",
+         "--output", str(tmp_path / "slurm-%j.out"), "--wrap", "sleep 120"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert job.returncode == 0, job.stderr

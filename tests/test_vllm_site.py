@@ -90,8 +90,6 @@ def test_refusals_are_one_line(tmp_path: Path, repo_with_models) -> None:
     with pytest.raises(InputError, match=r"--engine 'tgi': use one of torch, vllm"):
         plan_service(site, ServeOptions("llm:1", engine="tgi", repo=repo))
     (tmp_path / "bare").mkdir()
-    with pytest.raises(InputError, match=r"--supervise and autoscaling are not supported"):
-        plan_service(site, ServeOptions("llm:1", engine="vllm", repo=repo, supervise=True))
     bare = _site_with(tmp_path / "bare", None)
     with pytest.raises(InputError, match=r"has no \[serving.vllm\] table"):
         plan_service(bare, ServeOptions("llm:1", engine="vllm", repo=repo))

@@ -9,8 +9,11 @@ It is login-side code (like the search driver's ``--detach`` job): it reads the 
 changed by ``serve stop``/``upgrade``) and every ``interval`` seconds
 
 * asks the scheduler, in one call, about every live replica's job;
-* checks every READY replica: ``GET /healthz`` and a real ``POST /v1/predict`` on a probe input
-  of the model's input shape and dtype (from ``GET /v1/models``, i.e. the model's recipe);
+* checks every READY replica with a real request, each engine its own way (the record's
+  ``engine``, else the service's ``spec.json``): the built-in torch server ``GET /healthz`` and
+  ``POST /v1/predict`` on a probe input of the model's input shape and dtype (from
+  ``GET /v1/models``, i.e. the model's recipe); a vLLM replica ``GET /readyz`` and
+  ``POST /v1/completions`` of one token for the served model name, with the service token;
 * replaces a replica whose job ended, that has been LOADING too long (hung while loading), or
   that failed its checks ``failures`` times in a row: the old record is *fenced* (FAILED with
   the reason; a replica that wakes up later cannot set it READY again), its job is cancelled if
@@ -18,11 +21,24 @@ changed by ``serve stop``/``upgrade``) and every ``interval`` seconds
   ``job.sh`` (what ``serve start`` queued; a handover does the same) with a PENDING record;
 * stops replicas above the desired count.
 
+Autoscaling reads ongoing requests per replica from each READY replica's ``/metrics``: for
+torch the busy time of predict requests between two scrapes (Little's law), for vLLM the gauges
+``vllm:num_requests_running`` + ``vllm:num_requests_waiting``.
+
 A replica whose job is queued (PENDING) counts as coming, not missing. Every decision goes to
 ``decisions.jsonl`` (append-only) with its reason; ``supervisor.json`` holds a heartbeat.
 ``serve.stop`` in the run directory (``aimass serve stop``) or a desired state other than
-``running`` ends the supervisor without touching anything. On the site's warning signal
-before its time limit the job requeues itself and carries on where it was.
+``running`` ends the supervisor without touching anything.
+
+At most one supervisor acts for a service: each round it renews (or takes) a :class:`Lease`
+in the run directory (``supervisor.lease.N``: holder's job id, restart count, expiry). One
+without the lease -- a second supervisor started by hand, or a run whose predecessor is
+still there -- waits on standby and logs ``standby: supervisor JOB holds the lease``. Every
+decision names the supervisor that made it (``supervisor``: ``JOB``, ``JOB/rN`` after N
+requeues, or ``HOST:PID``). On the site's warning signal before its time limit (or when the
+time left says the warning is due: a warning sent late, or before the handler listened) the
+job releases the lease and requeues itself; its next run takes the lease over and carries
+on from the run directory.
 """
 
 from __future__ import annotations
@@ -44,8 +60,9 @@ from typing import Any
 import httpx
 
 from aimass_hpc.common.errors import AimassError, NotFoundError, SchedulerError
-from aimass_hpc.common.fsutil import atomic_write_json
-from aimass_hpc.common.slurm_cli import parse_signal
+from aimass_hpc.common.fsutil import atomic_write_json, atomic_write_text, fsync_dir, read_json
+from aimass_hpc.common.slurm_cli import digits_or_none, parse_signal, run_command
+from aimass_hpc.common.timelimit import parse_elapsed
 from aimass_hpc.config.site import Site, load_site
 from aimass_hpc.launch.scheduler import Scheduler, get_scheduler
 from aimass_hpc.launch.scheduler.base import JobStatus
@@ -72,12 +89,217 @@ DEFAULT_INTERVAL_S = CHECK_INTERVAL_S  # seconds between rounds of checks
 DEFAULT_FAILURES = CHECK_FAILURES  # checks failed in a row before a replica is replaced
 DEFAULT_PROBE_TIMEOUT_S = 3.0  # per HTTP check
 DEFAULT_LOAD_TIMEOUT_S = 600.0  # LOADING longer than this (job running): hung while loading
+# A completion waits in vLLM's queue behind the load it is serving: a busy replica is not a
+# hung one, so its check gets at least this long.
+VLLM_PROBE_TIMEOUT_S = 10.0
 _LIVE = {EndpointState.PENDING, EndpointState.LOADING, EndpointState.READY}
 # Seconds spent answering predict requests so far (serve/metrics.py's latency histogram).
 _BUSY = re.compile(
     r'^aimass_serve_request_duration_seconds_sum\{route="/v1/predict"\} ([0-9.eE+-]+)$',
     re.MULTILINE,
 )
+# vLLM's gauges of requests being served and queued (one line per engine / label set).
+_VLLM_ONGOING = re.compile(
+    r"^vllm:num_requests_(?:running|waiting)(?:\{[^}\n]*\})?[ \t]+(\S+)",
+    re.MULTILINE,
+)
+
+
+def vllm_ongoing(metrics_text: str) -> float | None:
+    """Requests running + waiting in a vLLM replica's Prometheus ``/metrics`` text (summed
+    over label sets); None when the text has neither gauge."""
+    total, seen = 0.0, False
+    for match in _VLLM_ONGOING.finditer(metrics_text):
+        try:
+            value = float(match.group(1))
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            total += value
+            seen = True
+    return total if seen else None
+
+
+# -- the lease: at most one supervisor acts for a service -----------------------------------
+
+LEASE_PREFIX = "supervisor.lease."  # supervisor.lease.<generation>: JSON, one per holder
+LEASE_MIN_TTL_S = 60.0  # a holder that has not renewed for this long has lost its lease
+LEASE_TTL_ROUNDS = 5  # ... or for this many rounds, when that is longer
+
+
+def lease_ttl(interval_s: float) -> float:
+    """How long a lease lasts without renewal: several rounds (a round of checks can take a
+    while: probe timeouts, sbatch), at least :data:`LEASE_MIN_TTL_S`."""
+    return max(LEASE_MIN_TTL_S, LEASE_TTL_ROUNDS * interval_s)
+
+
+def who_am_i(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """This supervisor's identity: its Slurm job id and restart count, host and pid.
+    ``ident`` names it in decisions: ``JOB`` (``JOB/rN`` after a requeue) or ``HOST:PID``."""
+    env = dict(os.environ) if env is None else env
+    job = env.get("SLURM_JOB_ID") or None
+    restart = (digits_or_none(env.get("SLURM_RESTART_COUNT")) or 0) if job else 0
+    host, pid = socket.gethostname(), os.getpid()
+    ident = (f"{job}/r{restart}" if restart else job) if job else f"{host}:{pid}"
+    return {"ident": ident, "job_id": job, "restart": restart, "host": host, "pid": pid}
+
+
+class Lease:
+    """A lease on supervising one service, in its run directory, safe on NFS and Lustre.
+
+    Holders follow each other in *generations*: ``supervisor.lease.N`` is held by the holder
+    of the highest N. Taking over creates generation N+1 with an exclusive hard link of a
+    complete file (``link(2)`` is atomic on network filesystems where ``O_EXCL`` and fcntl
+    locks may not be), so of two contenders exactly one wins. The holder renews its own file
+    each round (atomic rename); a lease is free when released (the holder's clean exit), past
+    its expiry, or when its holder is gone -- its Slurm job ended or is queued again (the
+    requeued job's previous run), or its process on this host is dead.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        me: dict[str, Any],
+        *,
+        ttl_s: float = LEASE_MIN_TTL_S,
+        scheduler: Scheduler | None = None,
+        clock: Any = time.time,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.me = me
+        self.ttl_s = ttl_s
+        self.scheduler = scheduler
+        self.clock = clock
+        self.token = os.urandom(8).hex()  # this holder, even within one job and process
+        self.generation: int | None = None  # the generation held, if any
+
+    def path(self, generation: int) -> Path:
+        """The file of lease ``generation``."""
+        return self.run_dir / f"{LEASE_PREFIX}{generation}"
+
+    def current(self) -> tuple[int, dict[str, Any] | None]:
+        """The highest generation and its holder (0, None when nobody ever held it)."""
+        gens = []
+        for p in self.run_dir.glob(f"{LEASE_PREFIX}*"):
+            suffix = p.name[len(LEASE_PREFIX) :]
+            if suffix.isdigit() and suffix.isascii():
+                gens.append(int(suffix))
+        if not gens:
+            return 0, None
+        top = max(gens)
+        try:
+            doc = read_json(self.path(top))
+        except (OSError, ValueError):
+            doc = None
+        return top, doc if isinstance(doc, dict) else {}
+
+    def acquire(self) -> tuple[bool, dict[str, Any] | None]:
+        """Renew the lease held, or take a free one; (held now, the holder's document)."""
+        now = self.clock()
+        gen, doc = self.current()
+        mine = doc is not None and doc.get("token") == self.token
+        fresh = doc is not None and now < _number(doc.get("expires")) - self.ttl_s / 4
+        if doc is not None and mine and fresh and gen == self.generation:
+            doc.update(renewed=now, expires=now + self.ttl_s)
+            atomic_write_json(self.path(gen), doc)
+            return True, doc
+        self.generation = None
+        why: str | None = "nobody held it"
+        if doc is not None and not mine:
+            why = self.free(doc)
+            if why is None:
+                return False, doc
+        elif mine:
+            why = "renewing late"  # near expiry: a contender may take it now, so race for it
+        new = {
+            **self.me, "token": self.token, "generation": gen + 1, "acquired": now,
+            "renewed": now, "expires": now + self.ttl_s, "took_over": _holder(doc), "why": why,
+        }  # fmt: skip
+        if not self._create(self.path(gen + 1), new):
+            _, winner = self.current()
+            return False, winner
+        self.generation = gen + 1
+        for old in range(max(gen - 1, 1), gen):  # keep the one taken over, as evidence
+            with contextlib.suppress(OSError):
+                self.path(old).unlink()
+        return True, new
+
+    def free(self, doc: dict[str, Any]) -> str | None:
+        """Why the lease ``doc`` describes may be taken, or None while its holder has it."""
+        if not doc:
+            return "its file is unreadable"  # a complete file is linked in: never half-written
+        if doc.get("released"):
+            return f"released by {doc.get('ident')}"
+        if _number(doc.get("expires")) <= self.clock():
+            return f"{doc.get('ident')} let it expire"
+        gone = self.holder_gone(doc)
+        return f"{doc.get('ident')} is gone ({gone})" if gone else None
+
+    def holder_gone(self, doc: dict[str, Any]) -> str | None:
+        """Why the holder of ``doc`` can be known to run no more, else None."""
+        job, restart = doc.get("job_id"), int(_number(doc.get("restart")))
+        if job:
+            if job == self.me.get("job_id"):
+                # Slurm runs one attempt of a job at a time: an earlier attempt has ended.
+                return "an earlier run of this job" if restart < self.me["restart"] else None
+            if self.scheduler is None:
+                return None
+            try:
+                st = self.scheduler.status([str(job)]).get(str(job))
+            except SchedulerError:
+                return None  # cannot ask: wait for the expiry
+            if st is None or st.lookup_failed:
+                return None
+            if st.is_terminal or st.not_found:
+                return f"job {job} {st.state.value}"
+            if st.state.value == "PENDING" or st.restart_count > restart:
+                return f"job {job} was requeued"
+            return None
+        if doc.get("host") == self.me.get("host") and isinstance(doc.get("pid"), int):
+            try:
+                os.kill(doc["pid"], 0)
+            except ProcessLookupError:
+                return f"process {doc['pid']} ended"
+            except PermissionError:
+                return None
+        return None
+
+    def release(self) -> None:
+        """Give the lease up now (a clean exit or a requeue): a successor takes it at once."""
+        if self.generation is None:
+            return
+        gen, doc = self.current()
+        self.generation = None
+        if gen and doc and doc.get("token") == self.token:
+            doc.update(released=self.clock(), expires=0)
+            with contextlib.suppress(OSError):
+                atomic_write_json(self.path(gen), doc)
+
+    def _create(self, path: Path, doc: dict[str, Any]) -> bool:
+        """Publish ``doc`` at ``path`` only if nothing is there (a complete file, linked)."""
+        import json
+
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            atomic_write_text(tmp, json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            fsync_dir(path.parent)
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _number(value: Any) -> float:
+    """A number from a lease document (0 when missing or not a number)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+def _holder(doc: dict[str, Any] | None) -> str | None:
+    return str(doc.get("ident")) if doc else None
 
 
 @dataclass
@@ -113,12 +335,25 @@ class Supervisor:
     replaced: int = 0
     busy: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (t, busy s)
     _scale_since: tuple[str, float] | None = None  # direction wanted, since when
+    _service_engine: str | None = None  # spec.json's serve.engine, read once
     _stop: str | None = None
+    me: dict[str, Any] = field(default_factory=who_am_i)  # this supervisor (who_am_i)
+    lease: Lease | None = None  # at most one supervisor acts for the service (run)
+    _holding: bool = False  # held the lease last round
+    _standby_for: str | None = None  # the holder last logged as such while on standby
+    _warn_at: float | None = None  # monotonic time the time-limit warning is due
+    _warn_why: str = ""  # how the time-limit warning came: the signal, or the time left
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
         if self.scheduler is None:
             self.scheduler = get_scheduler(self.site)
+        if self.lease is None:
+            self.lease = Lease(self.run_dir, self.me, scheduler=self.scheduler)
+
+    def _decide(self, action: str, why: str, **details: Any) -> dict[str, Any]:
+        """Record a decision, naming this supervisor (``supervisor``: :func:`who_am_i`)."""
+        return record_decision(self.run_dir, action, why, supervisor=self.me["ident"], **details)
 
     # -- one round -------------------------------------------------------------------------
     def tick(self) -> list[dict[str, Any]]:
@@ -182,16 +417,30 @@ class Supervisor:
             return None
         count = self.fails.get(rec.key, 0) + 1
         self.fails[rec.key] = count
-        record_decision(
-            self.run_dir, "check-failed", problem, replica=rec.replica, job_id=rec.job_id,
+        self._decide(
+            "check-failed", problem, replica=rec.replica, job_id=rec.job_id,
             count=count, limit=settings.failures,
         )  # fmt: skip
         if count >= settings.failures:
             return f"failed {count} checks in a row (last: {problem})"
         return None
 
+    def engine(self, rec: EndpointRecord) -> str:
+        """The engine serving ``rec``: its record's, else the service's (``spec.json``)."""
+        if rec.engine:
+            return rec.engine
+        if self._service_engine is None:
+            try:
+                doc = read_json(self.run_dir / "spec.json")
+                serve = (doc.get("spec") or {}).get("serve") or {}
+                self._service_engine = str(serve.get("engine") or "torch")
+            except (OSError, ValueError, AttributeError):
+                return "torch"  # unreadable now: ask again next round
+        return self._service_engine
+
     def check(self, rec: EndpointRecord, timeout: float) -> str | None:
-        """Readiness and a real predict on a probe input; None when both pass, else why."""
+        """Readiness and a real request (torch: a predict on a probe input; vLLM: a one-token
+        completion); None when both pass, else why."""
         url = rec.url
         if url is None:
             return "READY without an address"
@@ -200,6 +449,8 @@ class Supervisor:
         except AimassError as exc:
             return f"token: {exc}"
         auth = {"Authorization": f"Bearer {token}"} if token else {}
+        if self.engine(rec) == "vllm":
+            return check_vllm(rec, url, auth, max(timeout, VLLM_PROBE_TIMEOUT_S))
         try:
             with httpx.Client(timeout=timeout, trust_env=False) as http:
                 resp = http.get(f"{url}/healthz")
@@ -272,13 +523,11 @@ class Supervisor:
             f"{ongoing:.2f} ongoing requests on {len(rates)} READY of {current} replica(s), "
             f"target {target:g} per replica, for {delay:g}s"
         )
-        return record_decision(
-            self.run_dir, f"scale-{direction}", why, to=want, ongoing=round(ongoing, 3)
-        )
+        return self._decide(f"scale-{direction}", why, to=want, ongoing=round(ongoing, 3))
 
     def _ongoing(self, rec: EndpointRecord) -> float | None:
-        """Mean predict requests in flight at ``rec`` since the previous scrape (None: first
-        scrape, or /metrics did not answer)."""
+        """Requests in flight at ``rec``: torch, the mean since the previous scrape (None on
+        the first); vLLM, running + waiting now. None when /metrics did not answer."""
         if rec.url is None:
             return None
         try:
@@ -291,6 +540,8 @@ class Supervisor:
             resp.raise_for_status()
         except (httpx.HTTPError, AimassError):
             return None
+        if self.engine(rec) == "vllm":
+            return vllm_ongoing(resp.text)  # a gauge: what is in flight now
         match = _BUSY.search(resp.text)
         busy = float(match.group(1)) if match else 0.0
         now = time.monotonic()
@@ -316,8 +567,8 @@ class Supervisor:
         self.probes.pop(rec.key, None)
         with contextlib.suppress(SchedulerError, NotFoundError):
             self.scheduler.cancel([rec.job_id])
-        return record_decision(
-            self.run_dir, "fence" if bad else "retire", why,
+        return self._decide(
+            "fence" if bad else "retire", why,
             replica=rec.replica, job_id=rec.job_id,
         )  # fmt: skip
 
@@ -330,7 +581,7 @@ class Supervisor:
                 script, run_dir=self.run_dir, extra_args=[f"--array={index}"]
             )
         except AimassError as exc:
-            return record_decision(self.run_dir, "replace-failed", f"sbatch: {exc}", replica=index)
+            return self._decide("replace-failed", f"sbatch: {exc}", replica=index)
         job_id = f"{base}_{index}"
         records = read_records(self.run_dir)
         template = records[-1] if records else None
@@ -344,6 +595,7 @@ class Supervisor:
                 replica=index,
                 run_dir=str(self.run_dir),
                 token_file=template.token_file if template else None,
+                engine=template.engine if template else None,
             ),
             message="submitted by the supervisor",
         )
@@ -355,8 +607,8 @@ class Supervisor:
             if last is not None
             else ""
         )
-        return record_decision(
-            self.run_dir, "replace", why, replica=index, new_job_id=job_id,
+        return self._decide(
+            "replace", why, replica=index, new_job_id=job_id,
             old_job_id=last.job_id if last else None,
         )  # fmt: skip
 
@@ -367,33 +619,95 @@ class Supervisor:
         doc.update(
             heartbeat=now_iso(), pid=os.getpid(), node=socket.gethostname(),
             replaced=self.replaced, slurm_job=os.environ.get("SLURM_JOB_ID"),
+            holder=self.me["ident"], restart=self.me["restart"],
         )  # fmt: skip
         atomic_write_json(self.run_dir / SUPERVISOR_FILE, doc)
 
+    def hold(self, settings: Settings) -> bool:
+        """Renew or take the lease; True when this supervisor may act this round. A change
+        is a decision: ``lease-acquired``, ``lease-lost``, ``standby`` (once per holder)."""
+        assert self.lease is not None
+        self.lease.ttl_s = lease_ttl(settings.interval_s)
+        try:
+            held, doc = self.lease.acquire()
+        except OSError as exc:  # the run directory cannot be read or written: act on nothing
+            if self._standby_for != f"error: {exc}":
+                with contextlib.suppress(OSError):
+                    self._decide("lease-failed", f"{type(exc).__name__}: {exc}")
+                self._standby_for = f"error: {exc}"
+            self._holding = False
+            return False
+        if held:
+            if not self._holding:
+                self._decide(
+                    "lease-acquired", f"took the lease ({(doc or {}).get('why')})",
+                    generation=self.lease.generation, took_over=(doc or {}).get("took_over"),
+                )  # fmt: skip
+            self._holding, self._standby_for = True, None
+            return True
+        holder = _holder(doc) or "another supervisor"
+        if self._holding:
+            self._decide("lease-lost", f"supervisor {holder} holds the lease now", holder=holder)
+        self._holding = False
+        if holder != self._standby_for:
+            self._decide("standby", f"supervisor {holder} holds the lease", holder=holder)
+            self._standby_for = holder
+        return False
+
     def run(self, *, max_rounds: int | None = None) -> int:
-        """Supervise until the service is stopped or a signal arrives; the exit code."""
+        """Supervise until the service is stopped or a signal arrives; the exit code. Only
+        the lease holder acts (and heartbeats); another supervisor waits on standby."""
+        assert self.lease is not None
         warn = self._install_signals()
-        record_decision(self.run_dir, "supervisor-up", "started", pid=os.getpid())
+        self._decide("supervisor-up", "started", pid=os.getpid())
+        self._warn_at = self._warning_due_at()
         rounds = 0
-        while self._stop is None:
-            desired = read_desired(self.run_dir)
-            if stop_requested(self.run_dir) or (desired or {}).get("state") != "running":
-                record_decision(self.run_dir, "supervisor-exit", "the service is stopping")
-                return 0
-            try:
-                self.tick()
-            except AimassError as exc:  # one bad round is no reason to stop supervising
-                record_decision(self.run_dir, "round-failed", str(exc))
-            self.heartbeat()
-            rounds += 1
-            if max_rounds is not None and rounds >= max_rounds:
-                return 0
-            deadline = time.monotonic() + Settings.from_desired(desired).interval_s
-            while self._stop is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-        if self._stop == warn:
-            self._requeue_self()
-        return 0
+        try:
+            while self._stop is None:
+                desired = read_desired(self.run_dir)
+                if stop_requested(self.run_dir) or (desired or {}).get("state") != "running":
+                    self._decide("supervisor-exit", "the service is stopping")
+                    return 0
+                settings = Settings.from_desired(desired)
+                if self.hold(settings):
+                    try:
+                        self.tick()
+                    except AimassError as exc:  # one bad round is no reason to stop
+                        self._decide("round-failed", str(exc))
+                    self.heartbeat()
+                rounds += 1
+                if max_rounds is not None and rounds >= max_rounds:
+                    return 0
+                deadline = time.monotonic() + settings.interval_s
+                while self._stop is None and time.monotonic() < deadline:
+                    if self._warn_at is not None and time.monotonic() >= self._warn_at:
+                        self._stop = warn  # the warning is due and did not come (yet)
+                        self._warn_why = self._warn_why or "the time left"
+                    time.sleep(0.1)
+            if self._stop == warn:
+                self._requeue_self()
+            return 0
+        finally:
+            self.lease.release()  # a successor (the requeued job, a standby) acts at once
+
+    def _warning_due_at(self) -> float | None:
+        """When this job's time-limit warning is due (Slurm's time left less the site's
+        grace), so that a warning sent late, or before the handler listened, still requeues
+        the job; None outside a supervisor job or without a limit."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if not job or not os.environ.get("AIMASS_SERVICE_SUPERVISOR"):
+            return None
+        try:
+            proc = run_command(["squeue", "-h", "-j", job, "-o", "%L"], timeout=30)
+        except AimassError:
+            return None
+        lines = proc.stdout.strip().splitlines()
+        left = parse_elapsed(lines[0].strip()) if proc.returncode == 0 and lines else None
+        if left is None:
+            return None
+        grace = self.site.preemption.grace_seconds
+        self._warn_why = f"{left}s left at start, grace {grace}s"
+        return time.monotonic() + left - grace
 
     def _install_signals(self) -> str | None:
         try:
@@ -409,19 +723,48 @@ class Supervisor:
         return warn
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._stop = str(signum)
+        if self._stop is None:
+            self._stop = str(signum)
+            self._warn_why = f"signal {signal.Signals(signum).name}"
 
     def _requeue_self(self) -> None:
-        """Warned of the time limit: requeue this job; it resumes from the run directory."""
-        assert self.scheduler is not None
+        """Warned of the time limit: hand the lease over and requeue this job; its next run
+        takes the lease and resumes from the run directory (desired state, records)."""
+        assert self.scheduler is not None and self.lease is not None
         job_id = os.environ.get("SLURM_JOB_ID")
         if not job_id:
             return
+        self.lease.release()  # before the requeue: it ends this process
+        self._decide(
+            "supervisor-requeued",
+            f"time-limit warning ({self._warn_why}): the next run of this job takes the lease",
+            job_id=job_id,
+        )  # fmt: skip
         try:
             self.scheduler.requeue(job_id)
-            record_decision(self.run_dir, "supervisor-requeued", "time limit", job_id=job_id)
         except AimassError as exc:
-            record_decision(self.run_dir, "supervisor-requeue-failed", str(exc), job_id=job_id)
+            self._decide("supervisor-requeue-failed", str(exc), job_id=job_id)
+
+
+def check_vllm(rec: EndpointRecord, url: str, auth: dict[str, str], timeout: float) -> str | None:
+    """A vLLM replica's check: ``/readyz`` (vLLM's ``/health``, 503 while draining) and a real
+    one-token completion for the served model name; None when both pass, else why."""
+    body = {"model": rec.model_name, "prompt": "x", "max_tokens": 1}
+    try:
+        with httpx.Client(timeout=timeout, trust_env=False) as http:
+            resp = http.get(f"{url}/readyz")
+            if resp.status_code != 200:
+                return f"/readyz answered {resp.status_code}"
+            resp = http.post(f"{url}/v1/completions", json=body, headers=auth)
+            if resp.status_code != 200:
+                return f"probe completion answered {resp.status_code}: {resp.text[:120]}"
+            if not resp.json().get("choices"):
+                return "probe completion answered no choices"
+    except httpx.TimeoutException:
+        return f"no answer within {timeout:g}s (hung?)"
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        return f"{type(exc).__name__}: {str(exc)[:160]}"
+    return None
 
 
 def live_model(desired: dict[str, Any]) -> str | None:

@@ -210,10 +210,6 @@ def plan_service(site: Site, opts: ServeOptions) -> tuple[JobRequest, dict[str, 
     check_serve_options(opts)
     if opts.engine not in ENGINES:
         raise InputError(f"--engine {opts.engine!r}: use one of {', '.join(ENGINES)}")
-    if opts.engine == "vllm" and opts.supervise:
-        # The supervisor's health check is a /v1/predict probe: it would replace healthy
-        # vLLM replicas. Refused until it probes completions.
-        raise InputError("--engine vllm: --supervise and autoscaling are not supported yet")
     repo = str(Path(opts.repo).expanduser()) if opts.repo else str(site.models_root)
     version = check_model(repo, opts.ref, opts.engine)
     name = Ref.parse(opts.ref).name
@@ -267,6 +263,7 @@ def start_service(
                 run_dir=str(run_dir),
                 token_file=str(token_path(run_dir)),
                 message="submitted",
+                engine=None if opts.engine == "torch" else opts.engine,
             ),
             message="submitted by serve start",
         )
