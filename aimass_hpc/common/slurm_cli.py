@@ -248,6 +248,19 @@ def job_ref_from_env(env: Mapping[str, str] | None = None) -> str | None:
     return env.get("SLURM_JOB_ID") or None
 
 
+def time_left(job_ref: str, *, squeue: str = "squeue", timeout: float = 30) -> int | None:
+    """Seconds until ``job_ref`` reaches its time limit, as Slurm counts them (``squeue
+    %L``); None when Slurm does not answer, does not know the job, or it has no limit."""
+    from aimass_hpc.common.timelimit import parse_elapsed
+
+    try:
+        proc = run_command([squeue, "-h", "-j", job_ref, "-o", "%L"], timeout=timeout)
+    except AimassError:
+        return None
+    lines = proc.stdout.strip().splitlines()
+    return parse_elapsed(lines[0]) if proc.returncode == 0 and lines else None
+
+
 def restart_count_from_env(env: Mapping[str, str] | None = None) -> int:
     """How often Slurm has restarted this job (``SLURM_RESTART_COUNT``; 0 when unset)."""
     env = os.environ if env is None else env

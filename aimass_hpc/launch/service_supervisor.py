@@ -61,8 +61,7 @@ import httpx
 
 from aimass_hpc.common.errors import AimassError, NotFoundError, SchedulerError
 from aimass_hpc.common.fsutil import atomic_write_json, atomic_write_text, fsync_dir, read_json
-from aimass_hpc.common.slurm_cli import digits_or_none, parse_signal, run_command
-from aimass_hpc.common.timelimit import parse_elapsed
+from aimass_hpc.common.slurm_cli import digits_or_none, parse_signal, time_left
 from aimass_hpc.config.site import Site, load_site
 from aimass_hpc.launch.scheduler import Scheduler, get_scheduler
 from aimass_hpc.launch.scheduler.base import JobStatus
@@ -697,12 +696,7 @@ class Supervisor:
         job = os.environ.get("SLURM_JOB_ID")
         if not job or not os.environ.get("AIMASS_SERVICE_SUPERVISOR"):
             return None
-        try:
-            proc = run_command(["squeue", "-h", "-j", job, "-o", "%L"], timeout=30)
-        except AimassError:
-            return None
-        lines = proc.stdout.strip().splitlines()
-        left = parse_elapsed(lines[0].strip()) if proc.returncode == 0 and lines else None
+        left = time_left(job)
         if left is None:
             return None
         grace = self.site.preemption.grace_seconds

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 from aimass_hpc.common import slurm_cli
 from aimass_hpc.common.errors import AimassError, InputError, NotFoundError
-from aimass_hpc.common.timelimit import parse_elapsed
 
 DEFAULT_SIGNALS: tuple[str, ...] = ("USR1", "TERM")
 
@@ -93,12 +92,8 @@ def catch_up(env: Mapping[str, str] | None = None, *, squeue: str = "squeue") ->
 
 
 def _check_time_left(job: str, grace: int, warn: int, squeue: str) -> None:
-    try:
-        proc = slurm_cli.run_command([squeue, "-h", "-j", job, "-o", "%L"], timeout=60)
-    except AimassError:
-        return  # no answer: the signal, if it comes, still finds the handler
-    left = parse_elapsed(proc.stdout.strip().splitlines()[0]) if proc.stdout.strip() else None
-    if proc.returncode == 0 and left is not None and left <= grace:
+    left = slurm_cli.time_left(job, squeue=squeue, timeout=60)
+    if left is not None and left <= grace:
         print(
             f"aimass: the time-limit warning was due before this rank listened ({left} s left, "
             f"grace {grace} s): acting on it now",
