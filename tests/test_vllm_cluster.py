@@ -13,41 +13,17 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from _sitefixtures import site_data, write_site
+from _llmfixtures import aimass, build_tiny, llm_site
 
-from aimass_hpc.serve import tiny_llm
 from aimass_hpc.serve.auth import read_token
 from aimass_hpc.serve.endpoints import EndpointState, find_records
 
 pytestmark = pytest.mark.cluster
-
-ROOT = Path(__file__).resolve().parents[1]
-VLLM_VENV = ROOT / ".venv-vllm"
-VLLM_PYTHON = VLLM_VENV / "bin" / "python"
-
-
-def aimass(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "aimass_hpc", *args], capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(f"aimass {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    """The vLLM environment; missing is a failure with the command that makes it."""
-    if not (VLLM_VENV / ".aimass-vllm-stamp").is_file() or not VLLM_PYTHON.exists():
-        pytest.fail(f"{VLLM_VENV} is missing: run scripts/setup-vllm (about 2 minutes)")
-    return VLLM_PYTHON
 
 
 def _tree_rss(pid: int) -> int:
@@ -64,18 +40,12 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def test_vllm_service_answers_the_openai_client(cluster, tmp_path: Path, vllm_python: Path) -> None:
+def test_vllm_service_answers_the_openai_client(cluster, tmp_path: Path) -> None:
     from openai import OpenAI
 
-    serving = site_data("dev")["serving"]
-    serving["vllm"] = {**serving.get("vllm", {}), "python": str(vllm_python)}
-    site = write_site(tmp_path, "dev", serving=serving)
+    site = llm_site(tmp_path)
     site_file = str(site.source)
-    built = subprocess.run(
-        [str(vllm_python), tiny_llm.__file__, str(tmp_path / "tiny-hf")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr
+    build_tiny(tmp_path / "tiny-hf")
     imported = aimass("models", "--site", site_file, "import-hf", str(tmp_path / "tiny-hf"), "tiny")
     assert "imported tiny:1: LlamaForCausalLM" in imported.stdout
 

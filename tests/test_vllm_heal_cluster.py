@@ -14,36 +14,18 @@ takes ~2 GiB and about a minute to start here), and the service is always stoppe
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from _sitefixtures import site_data, write_site
+from _llmfixtures import aimass, build_tiny, llm_site
 
 from aimass_hpc.launch.serving import read_decisions
-from aimass_hpc.serve import tiny_llm
 from aimass_hpc.serve.auth import read_token
 from aimass_hpc.serve.endpoints import EndpointRecord, read_records
 
 pytestmark = pytest.mark.cluster
-
-ROOT = Path(__file__).resolve().parents[1]
-VLLM_VENV = ROOT / ".venv-vllm"
-VLLM_PYTHON = VLLM_VENV / "bin" / "python"
-
-
-def aimass(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "300"}  # rich tables: no column cut short
-    proc = subprocess.run(
-        [sys.executable, "-m", "aimass_hpc", *args], capture_output=True, text=True,
-        timeout=timeout, env=env,
-    )  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(f"aimass {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
-    return proc
 
 
 def _ready(run_dir: Path, replica: int) -> EndpointRecord | None:
@@ -66,17 +48,9 @@ def _complete(rec: EndpointRecord) -> str:
 
 
 def test_supervisor_replaces_a_cancelled_vllm_replica(cluster, tmp_path: Path) -> None:
-    if not (VLLM_VENV / ".aimass-vllm-stamp").is_file() or not VLLM_PYTHON.exists():
-        pytest.fail(f"{VLLM_VENV} is missing: run scripts/setup-vllm (about 2 minutes)")
-    serving = site_data("dev")["serving"]
-    serving["vllm"] = {**serving.get("vllm", {}), "python": str(VLLM_PYTHON)}
-    site = write_site(tmp_path, "dev", serving=serving)
+    site = llm_site(tmp_path)
     sf = str(site.source)
-    built = subprocess.run(
-        [str(VLLM_PYTHON), tiny_llm.__file__, str(tmp_path / "tiny-hf")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr
+    build_tiny(tmp_path / "tiny-hf")
     aimass("models", "--site", sf, "import-hf", str(tmp_path / "tiny-hf"), "tiny")
 
     out = aimass("serve", "start", "tiny:1", "--engine", "vllm", "--site", sf, "--cpus", "2",

@@ -17,54 +17,22 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from _sitefixtures import site_data, write_site
+from _llmfixtures import aimass, build_tiny, llm_site
+from _sitefixtures import site_data
 
-from aimass_hpc.serve import tiny_llm
 from aimass_hpc.serve.endpoints import EndpointState, find_records
 from aimass_hpc.serve.llm import openai_client
 
 pytestmark = pytest.mark.cluster
 
-ROOT = Path(__file__).resolve().parents[1]
-VLLM_VENV = ROOT / ".venv-vllm"
-VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 # The warning's lead: room for a replacement vLLM to start (45-85 s idle, minutes when the
 # 2-core machine is busy); the replica drains once the replacement is READY, not at this time.
 GRACE_S = 420
-
-
-def aimass(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "aimass_hpc", *args], capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(f"aimass {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def vllm_python() -> Path:
-    """The vLLM environment; missing is a failure with the command that makes it."""
-    if not (VLLM_VENV / ".aimass-vllm-stamp").is_file() or not VLLM_PYTHON.exists():
-        pytest.fail(f"{VLLM_VENV} is missing: run scripts/setup-vllm (about 2 minutes)")
-    return VLLM_PYTHON
-
-
-def build_tiny(vllm_python: Path, out: Path, seed: int) -> None:
-    """The tiny Llama of ``seed`` in ``out`` (built by the vLLM environment's transformers)."""
-    code = "import runpy, sys; runpy.run_path(sys.argv[1])['build'](sys.argv[2], seed=int(sys.argv[3]))"  # noqa: E501
-    built = subprocess.run(
-        [str(vllm_python), "-c", code, tiny_llm.__file__, str(out), str(seed)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr
 
 
 class Load:
@@ -122,16 +90,12 @@ class Load:
             time.sleep(0.2)
 
 
-def test_llm_service_upgrade_and_handover_under_load(
-    cluster, tmp_path: Path, vllm_python: Path
-) -> None:
-    serving = site_data("dev")["serving"]
-    serving["vllm"] = {**serving.get("vllm", {}), "python": str(vllm_python)}
+def test_llm_service_upgrade_and_handover_under_load(cluster, tmp_path: Path) -> None:
     preemption = {**site_data("dev")["preemption"], "grace_seconds": GRACE_S}
-    site = write_site(tmp_path, "dev", serving=serving, preemption=preemption)
+    site = llm_site(tmp_path, preemption=preemption)
     site_file = str(site.source)
     for seed in (0, 1):  # tiny:1 and tiny:2
-        build_tiny(vllm_python, tmp_path / f"tiny-{seed}", seed)
+        build_tiny(tmp_path / f"tiny-{seed}", seed)
         aimass("models", "--site", site_file, "import-hf", str(tmp_path / f"tiny-{seed}"), "tiny")
     aimass("models", "--site", site_file, "promote", "tiny:1", "prod")
     try:

@@ -53,6 +53,13 @@ def test_exactly_one_way_to_provide_vllm(vllm: dict[str, Any]) -> None:
     assert "exactly one of python, module, container" in problems[0]
 
 
+@pytest.mark.parametrize("key", ["python", "module", "container"])
+def test_a_line_break_in_where_vllm_lives_is_refused_by_key(key: str) -> None:
+    problems = _problems({key: "/opt/vllm/bin/python\n"})
+    assert len(problems) == 1 and f"serving.vllm.{key}" in problems[0]
+    assert "line break" in problems[0] and "\n" not in problems[0].rstrip("\n")
+
+
 def test_the_bundled_dev_site_uses_the_checkout_venv() -> None:
     vllm = site_data("dev")["serving"]["vllm"]
     assert vllm["python"] == "../.venv-vllm/bin/python" and "--enforce-eager" in vllm["args"]

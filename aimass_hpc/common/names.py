@@ -81,6 +81,18 @@ def _validate_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(_validate_text)]
 """A free-text string: anything but NUL and CR (newlines allowed; shell-quoted where used)."""
 
+
+def _validate_line(value: str) -> str:
+    _validate_text(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("contains a line break or another control character (one line only)")
+    return value
+
+
+OneLine = Annotated[str, AfterValidator(_validate_line)]
+"""A path, image or module name: free text on one line (a trailing newline is a typo that
+would only fail inside the job)."""
+
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
 
 

@@ -40,6 +40,7 @@ from aimass_hpc.common.names import (
     SIGNAL,
     SLURM_NAME,
     EnvName,
+    OneLine,
     Rule,
     SiteName,
     SlurmName,
@@ -351,9 +352,9 @@ class Vllm(_Model):
     ``python`` (a venv's interpreter; relative paths are relative to the site file),
     ``module`` (an environment module to load) or ``container`` (an image)."""
 
-    python: Text | None = Field(None, description="python of an environment that has vllm")
-    module: Text | None = Field(None, description="environment module providing vllm")
-    container: Text | None = Field(None, description="container image providing vllm")
+    python: OneLine | None = Field(None, description="python of an environment that has vllm")
+    module: OneLine | None = Field(None, description="environment module providing vllm")
+    container: OneLine | None = Field(None, description="container image providing vllm")
     args: list[Text] = Field(
         default_factory=list,
         description="more api_server arguments, e.g. CPU settings (--enforce-eager ...)",

@@ -395,21 +395,7 @@ class Trainer:
         if existing:
             return existing
         weights = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
-        info = self._info("final")
-        sample = model_stats.sample_input(self.recipe)
-        if sample is None:
-            sample = model_stats.sample_from_dataset(self.task.train)
-        stats = model_stats.measure(self.model, sample, self.device)
-        info.flops_per_sample = stats.flops_per_sample
-        info.peak_memory_bytes = stats.peak_memory_bytes
-        info.model_type = model_stats.model_type_of(
-            declared=self.task.model_type,
-            recipe=self.recipe,
-            loss=self.task.loss,
-            model=self.model,
-            sample=sample,
-        )
-        return self.store.save(TrainState(model=weights), info)
+        return self.store.save(TrainState(model=weights), self._final_info())
 
     def _save_final_sharded(self) -> str | None:
         if self.store is None:
@@ -419,11 +405,17 @@ class Trainer:
         if existing:
             return existing if self.is_main else None
         model, _, layout = sharded.local_state(self.model, None)
+        info = self._final_info()  # collective for a sharded model: every rank measures
+        ref = self.store.save_sharded(TrainState(model=model, layout=layout), info, self.backend)
+        return ref if self.is_main else None
+
+    def _final_info(self) -> SaveInfo:
+        """The final version's description, with the whole model's cost and type measured on
+        one sample (a forward pass: every rank of a sharded model must call this)."""
         info = self._info("final")
         sample = model_stats.sample_input(self.recipe)
         if sample is None:
             sample = model_stats.sample_from_dataset(self.task.train)
-        # The whole model's cost; collective: every rank runs this forward (same sample).
         stats = model_stats.measure(self.model, sample, self.device)
         info.flops_per_sample = stats.flops_per_sample
         info.peak_memory_bytes = stats.peak_memory_bytes
@@ -434,8 +426,7 @@ class Trainer:
             model=self.model,
             sample=sample,
         )
-        ref = self.store.save_sharded(TrainState(model=model, layout=layout), info, self.backend)
-        return ref if self.is_main else None
+        return info
 
     # ------------------------------------------------------------------------------ loop
 
