@@ -209,9 +209,28 @@ def _wait_file(path: Path, job_id: str, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+def _wait_idle(timeout: float = 120) -> None:
+    """Until every job this benchmark queued has left the queue.
+
+    Each launch starts on an idle cluster: the previous job's tail (an aimass job saves its
+    checkpoint and final model after the first step; any job's interpreter exits) would
+    otherwise share the two cores with the next launch and be counted in its latency.
+    """
+    deadline = time.monotonic() + timeout
+    while JOBS and time.monotonic() < deadline:
+        queued = subprocess.run(
+            ["squeue", "-h", "-o", "%i", "-j", ",".join(JOBS)], capture_output=True, text=True
+        ).stdout.split()
+        if not queued:
+            return
+        time.sleep(0.2)
+
+
 def _retrying(launch_once: Any, *args: Any) -> float:
-    """``launch_once(*args)``, tried up to three times when the job failed to start."""
+    """``launch_once(*args)`` on an idle cluster, tried up to three times when the job
+    failed to start."""
     for attempt in range(3):
+        _wait_idle()
         try:
             return launch_once(*args)
         except LaunchFailed as exc:
@@ -319,13 +338,7 @@ def launch(
         for _ in range(repeats):
             plain.append(_retrying(launch_plain, work, nodes, tasks))
             ours.append(_retrying(launch_aimass, work, site, nodes, tasks))
-        while JOBS:  # let the jobs finish writing before their directories go
-            queued = subprocess.run(
-                ["squeue", "-h", "-o", "%i", "-j", ",".join(JOBS)], capture_output=True, text=True
-            ).stdout.split()
-            if not queued:
-                break
-            time.sleep(0.5)
+        _wait_idle(timeout=600)  # let the jobs finish writing before their directories go
         p, a = statistics.median(plain), statistics.median(ours)
         return {
             "plain_s": p,

@@ -15,6 +15,7 @@ cluster test tests/test_vllm_heal_cluster.py runs the real vLLM).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,6 +37,7 @@ from aimass_hpc.launch.service_supervisor import (
     Settings,
     Supervisor,
     check_vllm,
+    vllm_busy_seconds,
     vllm_ongoing,
 )
 from aimass_hpc.repo import ModelRepository
@@ -167,6 +169,16 @@ def test_vllm_ongoing_sums_running_and_waiting_over_label_sets() -> None:
     assert vllm_ongoing("") is None
 
 
+def test_vllm_busy_seconds_sums_the_e2e_latency_sums_over_label_sets() -> None:
+    text = (
+        'vllm:e2e_request_latency_seconds_sum{engine="0",model_name="tiny"} 12.5\n'
+        'vllm:e2e_request_latency_seconds_sum{engine="1",model_name="tiny"} 0.5\n'
+        'vllm:e2e_request_latency_seconds_count{engine="0",model_name="tiny"} 99.0\n'
+    )
+    assert vllm_busy_seconds(text) == 13.0
+    assert vllm_busy_seconds(METRICS) is None
+
+
 # -- the engine-aware check -------------------------------------------------------------------
 
 
@@ -272,6 +284,58 @@ def test_vllm_services_scale_on_running_plus_waiting_requests(
     # No gauges (not a vLLM /metrics): no data, no decision.
     state.metrics = "nothing here\n"
     assert sup.autoscale(S.read_desired(run_dir) or {}, [rec]) is None
+
+
+def test_no_scale_down_while_a_replica_is_loading(
+    tmp_path: Path, vllm_server: tuple[FakeVllm, str]
+) -> None:
+    state, url = vllm_server
+    rec = _service(tmp_path, url)
+    run_dir = tmp_path / "svc"
+    opts = S.ServeOptions(
+        ref="tiny:1", engine="vllm", replicas=2,
+        autoscale=S.Autoscale(min_replicas=1, max_replicas=2, target_ongoing=2.0,
+                              upscale_delay_s=0.0, downscale_delay_s=0.0),
+    )  # fmt: skip
+    desired = S.write_desired(run_dir, opts)
+    S.set_desired(run_dir, replicas=2)
+    sup = _supervisor(tmp_path)
+    state.metrics = 'vllm:num_requests_running{engine="0"} 0.0\n'  # idle
+    loading = dataclasses.replace(rec, replica=1, job_id="8_1", state=EndpointState.LOADING)
+    assert sup.autoscale(S.read_desired(run_dir) or desired, [rec, loading]) is None
+    assert S.read_desired(run_dir)["replicas"] == 2  # type: ignore[index]
+    ready = dataclasses.replace(loading, state=EndpointState.READY)
+    down = sup.autoscale(S.read_desired(run_dir) or desired, [rec, ready])
+    assert down is not None and down["action"] == "scale-down" and down["to"] == 1
+
+
+def test_a_dip_of_vllms_gauges_does_not_hide_a_load(
+    tmp_path: Path, vllm_server: tuple[FakeVllm, str]
+) -> None:
+    # Seen on the dev cluster: 6 streams kept one replica busy while its gauges read 0-1 on
+    # every scrape (a second replica starting took the CPU), so it scaled down at once.
+    state, url = vllm_server
+    rec = _service(tmp_path, url)
+    run_dir = tmp_path / "svc"
+    opts = S.ServeOptions(
+        ref="tiny:1", engine="vllm",
+        autoscale=S.Autoscale(min_replicas=1, max_replicas=2, target_ongoing=2.0,
+                              upscale_delay_s=0.0, downscale_delay_s=0.0),
+    )  # fmt: skip
+    desired = S.write_desired(run_dir, opts)
+    sup = _supervisor(tmp_path)
+    gauges_zero = (
+        'vllm:num_requests_running{engine="0",model_name="tiny"} 0.0\n'
+        'vllm:num_requests_waiting{engine="0",model_name="tiny"} 0.0\n'
+    )
+    state.metrics = gauges_zero + 'vllm:e2e_request_latency_seconds_sum{engine="0"} 100.0\n'
+    assert sup.autoscale(desired, [rec]) is None  # first scrape: the gauges say idle
+    time.sleep(0.5)
+    # 3 more seconds of finished requests in ~0.5 s: ~6 in flight on average.
+    state.metrics = gauges_zero + 'vllm:e2e_request_latency_seconds_sum{engine="0"} 103.0\n'
+    up = sup.autoscale(S.read_desired(run_dir) or {}, [rec])
+    assert up is not None and up["action"] == "scale-up" and up["to"] == 2, up
+    assert 4.0 < up["ongoing"] <= 6.0
 
 
 # -- planning and listing ---------------------------------------------------------------------

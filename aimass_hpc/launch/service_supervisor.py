@@ -104,11 +104,17 @@ _VLLM_ONGOING = re.compile(
 )
 
 
-def vllm_ongoing(metrics_text: str) -> float | None:
-    """Requests running + waiting in a vLLM replica's Prometheus ``/metrics`` text (summed
-    over label sets); None when the text has neither gauge."""
+# The sum of the latencies of vLLM's finished requests (a histogram's _sum, per label set).
+_VLLM_BUSY = re.compile(
+    r"^vllm:e2e_request_latency_seconds_sum(?:\{[^}\n]*\})?[ \t]+(\S+)",
+    re.MULTILINE,
+)
+
+
+def _sum_matches(pattern: re.Pattern[str], metrics_text: str) -> float | None:
+    """The finite values ``pattern`` captures in ``metrics_text``, added up; None if none."""
     total, seen = 0.0, False
-    for match in _VLLM_ONGOING.finditer(metrics_text):
+    for match in pattern.finditer(metrics_text):
         try:
             value = float(match.group(1))
         except ValueError:
@@ -117,6 +123,18 @@ def vllm_ongoing(metrics_text: str) -> float | None:
             total += value
             seen = True
     return total if seen else None
+
+
+def vllm_ongoing(metrics_text: str) -> float | None:
+    """Requests running + waiting in a vLLM replica's Prometheus ``/metrics`` text (summed
+    over label sets); None when the text has neither gauge."""
+    return _sum_matches(_VLLM_ONGOING, metrics_text)
+
+
+def vllm_busy_seconds(metrics_text: str) -> float | None:
+    """Seconds spent by the replica's finished requests so far (the growth of this over a
+    time span is the mean number of requests in flight: Little's law); None if absent."""
+    return _sum_matches(_VLLM_BUSY, metrics_text)
 
 
 # -- the lease: at most one supervisor acts for a service -----------------------------------
@@ -490,8 +508,11 @@ class Supervisor:
 
         Ongoing requests are each READY replica's mean number of predict requests in flight
         since the last round: the growth of ``aimass_serve_request_duration_seconds_sum``
-        over the time between two scrapes of ``/metrics`` (Little's law). The replica count
-        is what is live -- PENDING (queued) replicas count as coming, not as missing.
+        over the time between two scrapes of ``/metrics`` (Little's law); for vLLM, the
+        larger of that mean (from ``vllm:e2e_request_latency_seconds_sum``) and its running +
+        waiting gauges now. The replica count is what is live -- PENDING (queued) replicas
+        count as coming, not as missing -- and there is no scaling down while a replica is
+        LOADING.
         """
         auto = desired.get("autoscale")
         if not isinstance(auto, dict):
@@ -510,6 +531,14 @@ class Supervisor:
             self._scale_since = None
             return None
         direction = "up" if want > current else "down"
+        if direction == "down" and any(_state(r) is EndpointState.LOADING for r in live):
+            # A replica that is starting has its allocation and is loading its model: judge
+            # slack once it serves. While it starts, the node is busy and the measurement
+            # dips (seen on the dev cluster: a second vLLM starting under load took the CPU
+            # for 90 s, the first replica's ongoing read ~1 of 6), which would retire it
+            # before it ever served -- and scale up again a moment later.
+            self._scale_since = None
+            return None
         if self._scale_since is None or self._scale_since[0] != direction:
             self._scale_since = (direction, now)
         key = "upscale_delay_s" if direction == "up" else "downscale_delay_s"
@@ -526,7 +555,8 @@ class Supervisor:
 
     def _ongoing(self, rec: EndpointRecord) -> float | None:
         """Requests in flight at ``rec``: torch, the mean since the previous scrape (None on
-        the first); vLLM, running + waiting now. None when /metrics did not answer."""
+        the first); vLLM, the larger of running + waiting now and that mean. None when
+        /metrics did not answer."""
         if rec.url is None:
             return None
         try:
@@ -540,15 +570,29 @@ class Supervisor:
         except (httpx.HTTPError, AimassError):
             return None
         if self.engine(rec) == "vllm":
-            return vllm_ongoing(resp.text)  # a gauge: what is in flight now
+            # The gauges say what the engine holds at this instant; one scrape can miss a
+            # load (requests between two steps, or still in vLLM's API server when the node
+            # is busy). The mean in flight since the last scrape cannot, but it only counts
+            # finished requests. The larger of the two, so that neither a dip of the gauge
+            # nor a long generation hides a load.
+            now_in = vllm_ongoing(resp.text)
+            mean = self._mean_in_flight(rec, vllm_busy_seconds(resp.text))
+            known = [x for x in (now_in, mean) if x is not None]
+            return max(known) if known else None
         match = _BUSY.search(resp.text)
-        busy = float(match.group(1)) if match else 0.0
+        return self._mean_in_flight(rec, float(match.group(1)) if match else 0.0)
+
+    def _mean_in_flight(self, rec: EndpointRecord, busy_s: float | None) -> float | None:
+        """Little's law: the growth of ``busy_s`` (seconds spent by finished requests) since
+        this replica's previous scrape, per second; None on the first scrape."""
+        if busy_s is None:
+            return None
         now = time.monotonic()
         before = self.busy.get(rec.key)
-        self.busy[rec.key] = (now, busy)
+        self.busy[rec.key] = (now, busy_s)
         if before is None or now <= before[0]:
             return None
-        return max(0.0, (busy - before[1]) / (now - before[0]))
+        return max(0.0, (busy_s - before[1]) / (now - before[0]))
 
     # -- actions ---------------------------------------------------------------------------
     def _fence(self, rec: EndpointRecord, why: str, *, bad: bool = True) -> dict[str, Any]:
