@@ -6,6 +6,7 @@ fast.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -29,3 +30,25 @@ def site_option(func: F | None = None, /, **settings: Any) -> Any:
         "--site", "site_ref", metavar=SITE_METAVAR, default=None, help=SITE_HELP, **settings
     )
     return decorator if func is None else decorator(func)
+
+
+class Seconds(click.ParamType):
+    """A duration in seconds: a finite number >= 0 (``-1``, ``nan`` and ``inf`` are refused,
+    so a typo cannot mean "never" or "at once")."""
+
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0:
+            shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:40]}..."
+            self.fail(f"{shown!r} is not a number of seconds >= 0", param, ctx)
+        return seconds
+
+
+SECONDS = Seconds()

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from aimass_hpc.cli._options import site_option
+from aimass_hpc.cli._options import SECONDS, site_option
 from aimass_hpc.cli._output import echo_dry_run, echo_script, echo_submit_note
 from aimass_hpc.common.errors import InputError, NotFoundError
 from aimass_hpc.common.slurm_cli import is_job_ref
@@ -320,7 +320,7 @@ def status(jobs: tuple[str, ...], site_ref: str | None, last: int, as_json: bool
 @click.command()
 @click.argument("jobs", nargs=-1, required=True, metavar="JOB...")
 @site_option
-@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--timeout", type=SECONDS, default=None, help="Give up after this many seconds.")
 @json_option
 def wait(jobs: tuple[str, ...], site_ref: str | None, timeout: float | None, as_json: bool) -> None:
     """Wait until the jobs end; exit 0 if all COMPLETED, 1 otherwise.

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from aimass_hpc.cli._options import site_option
+from aimass_hpc.cli._options import SECONDS, site_option
 from aimass_hpc.cli._output import echo_dry_run, echo_submit_note
 from aimass_hpc.serve.defaults import DEFAULTS
 
@@ -164,7 +164,7 @@ def serve() -> None:
 @click.option("--wait/--no-wait", "wait_", default=False, help="Wait until every replica is READY.")
 @click.option(
     "--timeout",
-    type=float,
+    type=SECONDS,
     default=DEFAULTS.ready_timeout_s,
     show_default=True,
     help="For --wait.",
@@ -267,7 +267,7 @@ def _wait_with_progress(site: Any, run_dir: Any, replicas: int, timeout: float, 
 @site_option
 @click.option(
     "--timeout",
-    type=float,
+    type=SECONDS,
     default=DEFAULTS.ready_timeout_s,
     show_default=True,
     help="Longest wait for the new replicas.",

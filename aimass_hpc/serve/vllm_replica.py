@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -68,6 +69,46 @@ def vllm_command(cfg: dict[str, Any], args: list[str], gpus: int) -> list[str]:
         nv = ["--nv"] if gpus > 0 else []
         return ["apptainer", "exec", *nv, str(cfg["container"]), "python3", *server]
     raise InputError("spec.serve.vllm: give one of python, module, container (site [serving.vllm])")
+
+
+def vllm_launch(
+    cfg: dict[str, Any],
+    model_dir: Path,
+    model_name: str,
+    host: str,
+    port: int,
+    token: str,
+    gpus: int,
+    workdir: Path,
+    *,
+    base_env: Mapping[str, str],
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of vLLM's API server for one replica.
+
+    The service token is vLLM's API key, given in the environment (``VLLM_API_KEY``) and never
+    on the command line: other users of the node can read a command line (``ps``), and a
+    token that starts with ``-`` would read as an option there.
+    """
+    args = [
+        "--model", str(model_dir), "--served-model-name", model_name,
+        "--host", host, "--port", str(port),
+        "--tensor-parallel-size", str(max(gpus, 1)),
+        "--middleware", f"{MIDDLEWARE_MODULE}.Readyz",
+        *[str(a) for a in cfg.get("args") or []],
+    ]  # fmt: skip
+    env = dict(base_env)
+    env.update({str(k): str(v) for k, v in (cfg.get("env") or {}).items()})
+    env.update(
+        VLLM_HOST_IP=host if host not in ("0.0.0.0", "::") else "127.0.0.1",
+        VLLM_NO_USAGE_STATS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_API_KEY=token,
+        AIMASS_VLLM_DRAIN_FILE=str(workdir / "draining"),
+        PYTHONPATH=str(workdir),  # the middleware only: not this environment's path
+    )
+    env.pop("VIRTUAL_ENV", None)
+    return vllm_command(cfg, args, gpus), env
 
 
 def free_port(host: str, port_range: tuple[int, int] | None) -> int:
@@ -197,29 +238,15 @@ class VllmReplica:
     def _start_vllm(self, model_dir: Path, host: str, port: int, token: str) -> None:
         cfg = dict(self.o.get("vllm") or {})
         gpus = int(self.o.get("gpus") or 0)
-        args = [
-            "--model", str(model_dir), "--served-model-name", self.record.model_name,
-            "--host", host, "--port", str(port), "--api-key", token,
-            "--tensor-parallel-size", str(max(gpus, 1)),
-            "--middleware", f"{MIDDLEWARE_MODULE}.Readyz",
-            *[str(a) for a in cfg.get("args") or []],
-        ]  # fmt: skip
         assert self.workdir is not None
-        env = dict(os.environ)
-        env.update({str(k): str(v) for k, v in (cfg.get("env") or {}).items()})
-        env.update(
-            VLLM_HOST_IP=host if host not in ("0.0.0.0", "::") else "127.0.0.1",
-            VLLM_NO_USAGE_STATS="1",
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            AIMASS_VLLM_DRAIN_FILE=str(self.workdir / "draining"),
-            PYTHONPATH=str(self.workdir),  # the middleware only: not this environment's path
-        )
-        env.pop("VIRTUAL_ENV", None)
+        argv, env = vllm_launch(
+            cfg, model_dir, self.record.model_name, host, port, token, gpus, self.workdir,
+            base_env=os.environ,
+        )  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 -- the child keeps it
         try:
             self.proc = subprocess.Popen(
-                vllm_command(cfg, args, gpus),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
