@@ -188,3 +188,16 @@ def test_search_status_by_name_under_the_site(dev_named: Path, capsys) -> None:
         assert json.loads(out)["search_dir"] == str(expected.path)
     code, _, err = run(capsys, "search", "status", "quad")  # a name needs --site
     _one_line_error(code, err, 3, "no search journal in")
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "1e400", "abc", "1" * 400])
+@pytest.mark.parametrize(
+    "argv", [["wait", "1"], ["serve", "start", "m:1"], ["serve", "upgrade", "m@prod"]]
+)
+def test_timeouts_are_finite_seconds(argv: list[str], bad: str) -> None:
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(cli, [*argv, "--timeout", bad])
+    assert result.exit_code == 2, result.output
+    assert "is not a number of seconds >= 0" in result.output
+    assert len(result.output) < 400  # a long value is cut in the message

@@ -44,6 +44,7 @@ from aimass_hpc.repo import ModelRepository
 from aimass_hpc.repo.hf import import_hf
 from aimass_hpc.serve.auth import ensure_token, read_token, token_path
 from aimass_hpc.serve.endpoints import EndpointRecord, EndpointState, read_records, write_record
+from aimass_hpc.serve.vllm_replica import API_SERVER, vllm_launch
 
 METRICS = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -378,3 +379,23 @@ def test_endpoints_show_the_engine(tmp_path: Path) -> None:
     assert sorted(r["engine"] for r in json.loads(out.stdout)) == ["torch", "vllm"]
     table = subprocess.run([*cmd, "--no-probe"], capture_output=True, text=True, env=env)
     assert "engine" in table.stdout and "vllm" in table.stdout and "torch" in table.stdout
+
+
+# -- how vLLM is started ----------------------------------------------------------------------
+
+
+def test_the_token_reaches_vllm_in_its_environment_never_on_its_command_line(
+    tmp_path: Path,
+) -> None:
+    # Seen on the dev cluster: a token that began with "-" made vLLM's argument parser stop
+    # ("argument --api-key: expected at least one argument").
+    token = "-Ab3_secret"
+    cfg = {"python": "/p/python", "env": {"VLLM_API_KEY": "not-this"}, "args": ["--seed", "1"]}
+    argv, env = vllm_launch(
+        cfg, tmp_path / "m", "tiny", "127.0.0.1", 8000, token, 0, tmp_path,
+        base_env={"PATH": "/bin", "VIRTUAL_ENV": "/v"},
+    )  # fmt: skip
+    assert not any(token in a for a in argv), argv
+    assert "--api-key" not in argv and argv[:3] == ["/p/python", "-m", API_SERVER]
+    assert argv[-2:] == ["--seed", "1"]
+    assert env["VLLM_API_KEY"] == token and env["PATH"] == "/bin" and "VIRTUAL_ENV" not in env
