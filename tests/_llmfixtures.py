@@ -62,3 +62,13 @@ def aimass(*args: str, check: bool = True, timeout: float = 900) -> subprocess.C
     if check and proc.returncode != 0:
         raise AssertionError(f"aimass {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
     return proc
+
+
+def tiny_in_repo(tmp_path: Path) -> Site:
+    """A dev site under ``tmp_path`` (see :func:`llm_site`) whose repository holds the tiny
+    Llama as ``tiny:1``."""
+    site = llm_site(tmp_path)
+    sf = str(site.source)
+    build_tiny(tmp_path / "tiny-hf")
+    aimass("models", "--site", sf, "import-hf", str(tmp_path / "tiny-hf"), "tiny")
+    return site

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _llmfixtures import aimass, build_tiny, llm_site
+from _llmfixtures import aimass, tiny_in_repo
 
 from aimass_hpc.launch.serving import read_decisions
 from aimass_hpc.serve.auth import read_token
@@ -48,10 +48,8 @@ def _complete(rec: EndpointRecord) -> str:
 
 
 def test_supervisor_replaces_a_cancelled_vllm_replica(cluster, tmp_path: Path) -> None:
-    site = llm_site(tmp_path)
+    site = tiny_in_repo(tmp_path)
     sf = str(site.source)
-    build_tiny(tmp_path / "tiny-hf")
-    aimass("models", "--site", sf, "import-hf", str(tmp_path / "tiny-hf"), "tiny")
 
     out = aimass("serve", "start", "tiny:1", "--engine", "vllm", "--site", sf, "--cpus", "2",
                  "--min-replicas", "1", "--max-replicas", "2", "--check-interval", "1",

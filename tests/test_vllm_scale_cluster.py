@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _llmfixtures import aimass, build_tiny, llm_site
+from _llmfixtures import aimass, tiny_in_repo
 
 from aimass_hpc.launch.serving import read_decisions
 from aimass_hpc.serve.endpoints import read_records
@@ -81,10 +81,8 @@ def _ready(run_dir: Path) -> dict[int, str]:
 
 
 def test_a_vllm_service_scales_up_under_load_and_back_down(cluster, tmp_path: Path) -> None:
-    site = llm_site(tmp_path)
+    site = tiny_in_repo(tmp_path)
     sf = str(site.source)
-    build_tiny(tmp_path / "tiny-hf")
-    aimass("models", "--site", sf, "import-hf", str(tmp_path / "tiny-hf"), "tiny")
 
     out = aimass("serve", "start", "tiny:1", "--engine", "vllm", "--site", sf, "--cpus", "2",
                  "--min-replicas", "1", "--max-replicas", "2", "--target-ongoing", "2",

@@ -260,19 +260,27 @@ def test_hung_and_dead_vllm_replicas_fail_and_are_fenced_after_n_checks(
 # -- scaling on vLLM's gauges -----------------------------------------------------------------
 
 
+def _autoscaled(
+    tmp_path: Path, url: str, replicas: int = 1
+) -> tuple[EndpointRecord, Path, dict[str, Any], Supervisor]:
+    """A vLLM service at ``url`` autoscaled between 1 and 2 replicas (target 2 ongoing, no
+    delays) with ``replicas`` desired: its READY record, run directory, desired state and a
+    supervisor."""
+    rec = _service(tmp_path, url)
+    run_dir = tmp_path / "svc"
+    opts = S.ServeOptions(
+        ref="tiny:1", engine="vllm", replicas=replicas,
+        autoscale=S.Autoscale(min_replicas=1, max_replicas=2, target_ongoing=2.0,
+                              upscale_delay_s=0.0, downscale_delay_s=0.0),
+    )  # fmt: skip
+    return rec, run_dir, S.write_desired(run_dir, opts), _supervisor(tmp_path)
+
+
 def test_vllm_services_scale_on_running_plus_waiting_requests(
     tmp_path: Path, vllm_server: tuple[FakeVllm, str]
 ) -> None:
     state, url = vllm_server
-    rec = _service(tmp_path, url)
-    run_dir = tmp_path / "svc"
-    opts = S.ServeOptions(
-        ref="tiny:1", engine="vllm",
-        autoscale=S.Autoscale(min_replicas=1, max_replicas=2, target_ongoing=2.0,
-                              upscale_delay_s=0.0, downscale_delay_s=0.0),
-    )  # fmt: skip
-    desired = S.write_desired(run_dir, opts)
-    sup = _supervisor(tmp_path)
+    rec, run_dir, desired, sup = _autoscaled(tmp_path, url)
     # 6 ongoing on one replica, target 2 per replica -> 3 wanted, capped at --max-replicas 2.
     up = sup.autoscale(desired, [rec])
     assert up is not None and up["action"] == "scale-up" and up["to"] == 2
@@ -291,16 +299,7 @@ def test_no_scale_down_while_a_replica_is_loading(
     tmp_path: Path, vllm_server: tuple[FakeVllm, str]
 ) -> None:
     state, url = vllm_server
-    rec = _service(tmp_path, url)
-    run_dir = tmp_path / "svc"
-    opts = S.ServeOptions(
-        ref="tiny:1", engine="vllm", replicas=2,
-        autoscale=S.Autoscale(min_replicas=1, max_replicas=2, target_ongoing=2.0,
-                              upscale_delay_s=0.0, downscale_delay_s=0.0),
-    )  # fmt: skip
-    desired = S.write_desired(run_dir, opts)
-    S.set_desired(run_dir, replicas=2)
-    sup = _supervisor(tmp_path)
+    rec, run_dir, desired, sup = _autoscaled(tmp_path, url, replicas=2)
     state.metrics = 'vllm:num_requests_running{engine="0"} 0.0\n'  # idle
     loading = dataclasses.replace(rec, replica=1, job_id="8_1", state=EndpointState.LOADING)
     assert sup.autoscale(S.read_desired(run_dir) or desired, [rec, loading]) is None
@@ -316,15 +315,7 @@ def test_a_dip_of_vllms_gauges_does_not_hide_a_load(
     # Seen on the dev cluster: 6 streams kept one replica busy while its gauges read 0-1 on
     # every scrape (a second replica starting took the CPU), so it scaled down at once.
     state, url = vllm_server
-    rec = _service(tmp_path, url)
-    run_dir = tmp_path / "svc"
-    opts = S.ServeOptions(
-        ref="tiny:1", engine="vllm",
-        autoscale=S.Autoscale(min_replicas=1, max_replicas=2, target_ongoing=2.0,
-                              upscale_delay_s=0.0, downscale_delay_s=0.0),
-    )  # fmt: skip
-    desired = S.write_desired(run_dir, opts)
-    sup = _supervisor(tmp_path)
+    rec, run_dir, desired, sup = _autoscaled(tmp_path, url)
     gauges_zero = (
         'vllm:num_requests_running{engine="0",model_name="tiny"} 0.0\n'
         'vllm:num_requests_waiting{engine="0",model_name="tiny"} 0.0\n'
