@@ -94,6 +94,9 @@ def test_multi_node_launch_line():
     script = render_request(site, request_for(site, "job"), "/runs/x")
     assert "srun --kill-on-bad-exit=1 --wait=30 --mpi=pmix \\" in script
     assert "python3 -m aimass_hpc.runtime job --config 'a b.json'" in script
+    # A job that uses no MPI (mpi = false in its spec) starts its tasks without the plugin.
+    no_mpi = render_request(site, request_for(site, "job", mpi=False), "/runs/x")
+    assert "srun --kill-on-bad-exit=1 --wait=30 \\" in no_mpi and "--mpi" not in no_mpi
 
 
 def test_launcher_none_runs_a_child_and_signals_the_batch_shell():

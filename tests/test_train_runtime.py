@@ -310,6 +310,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     one = _config(tmp_path, "one")
     two = _config(tmp_path, "two")
     assert _finish(_launch(one, 1, 0)) == [0]
+    launched = time.time()
     assert _finish(_launch(two, 2, 29000 + os.getpid() % 1000)) == [0, 0]
     m1, m2 = _result(one)["metrics"], _result(two)["metrics"]
     # Same samples per step, gradients averaged: only float summation order differs.
@@ -317,6 +318,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
         assert m1[key] == pytest.approx(m2[key], abs=1e-4), key
     steps = [r for r in read_metrics(two.parent) if r["kind"] == "step"]
     assert len(steps) == 44 and all(r["samples_per_s"] > 0 for r in steps)
+    # The start record says how long the rank took to get to training (torch import etc.).
+    start = next(r for r in read_metrics(two.parent) if r.get("event") == "start")
+    assert 0 < start["startup_s"] < start["time"] - launched + 0.5, start
 
 
 def test_a_crashing_rank_exits_nonzero_fast(tmp_path: Path) -> None:

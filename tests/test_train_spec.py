@@ -184,6 +184,28 @@ def test_horovod_is_accepted_where_it_is_built(tmp_path: Path) -> None:
     assert "--mpi=pmix" in json.loads(out.stdout)["script"]
 
 
+def test_torch_and_fsdp_steps_start_without_pmi_and_scripts_keep_it(tmp_path: Path) -> None:
+    # torch.distributed and FSDP meet over TCP: srun need not set up PMIx for them. The user's
+    # own script may call MPI, so it keeps the site's --mpi (as Horovod does, above).
+    site = write_site(tmp_path, "dev", python=sys.executable)
+    spec = write_spec(tmp_path, BASE)
+    for backend in ("torch", "fsdp"):
+        out = aimass("train", str(spec), "--site", site.source, "--backend", backend,
+                     "--dry-run", "--json")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        script = json.loads(out.stdout)["script"]
+        assert "srun --kill-on-bad-exit=1" in script and "--mpi=" not in script, script
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    script_spec = write_spec(
+        tmp_path,
+        'name = "s"\n[script]\npath = "train.py"\n[model]\nname = "s"\n[job]\nnodes = 1\n',
+        "script.toml",
+    )
+    out = aimass("train", str(script_spec), "--site", site.source, "--dry-run", "--json")
+    assert out.returncode == 0, out.stderr
+    assert "--mpi=pmix" in json.loads(out.stdout)["script"]
+
+
 def test_plot_draws_a_png_from_metrics(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

@@ -140,6 +140,11 @@ class JobRequest(BaseModel):
     sbatch_extra: list[str] = Field(default_factory=list, description="raw --opt=value items")
     workdir: Text | None = Field(None, description="cwd of the command; None = the run dir")
     launcher: Launcher | None = Field(None, description="None = the site's mpi.launcher")
+    mpi: bool = Field(
+        True,
+        description="start srun's tasks with the site's MPI plugin (mpi.srun_mpi); false for "
+        "programs that use no MPI, whose steps then start without the plugin's set-up",
+    )
     template_vars: dict[str, Any] = Field(default_factory=dict, description="kind extras")
 
     @field_validator("time")

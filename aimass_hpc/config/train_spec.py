@@ -510,6 +510,9 @@ def plan_training(
             "requeue": site.preemption.max_restarts > 0,
             "signal": True,
             "workdir": str(spec.base_dir),
+            # torch.distributed and FSDP meet over TCP: no PMI to set up (tens of ms per
+            # step start). Horovod and the user's own programs may use MPI.
+            "mpi": backend == "horovod" or spec.script is not None,
             "template_vars": {"backend": backend},
         },
         where="job",

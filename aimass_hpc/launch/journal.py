@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from aimass_hpc.common import procstat
 from aimass_hpc.common.errors import ConflictError, IntegrityError
 from aimass_hpc.common.fsutil import os_error, shown_path
 
@@ -197,21 +198,6 @@ class LockHolder:
         return f"pid {self.pid} on {self.host}{what}, taken {age:.0f}s ago"
 
 
-def _proc_start(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, or None where /proc is unavailable."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    # Field 22; the command name (field 2) may contain spaces and parentheses.
-    rest = stat.rsplit(")", 1)[-1].split()
-    try:
-        return int(rest[19])
-    except (IndexError, ValueError):
-        return None
-
-
 def pid_alive(pid: int, start: int | None) -> bool:
     """Whether process ``pid`` (started at ``start`` ticks, when known) still exists here."""
     if pid <= 0:
@@ -223,7 +209,7 @@ def pid_alive(pid: int, start: int | None) -> bool:
     except PermissionError:
         pass  # exists, owned by someone else
     if start is not None:
-        now_start = _proc_start(pid)
+        now_start = procstat.start_ticks(pid)
         if now_start is not None and now_start != start:
             return False  # the pid was reused by another process
     return True
@@ -333,7 +319,7 @@ class FileLock:
         payload = {
             "host": _HOST,
             "pid": os.getpid(),
-            "start": _proc_start(os.getpid()),
+            "start": procstat.start_ticks(os.getpid()),
             "time": time.time(),
             "token": token,
             "purpose": self.purpose,

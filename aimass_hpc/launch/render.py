@@ -314,6 +314,7 @@ def render_context(site: Site, request: JobRequest, run_dir: str | Path) -> dict
         "site_ref": site.ref(),
         "workdir": job.workdir or str(run_dir),
         "launcher": job.launcher,
+        "srun_mpi": site.mpi.srun_mpi if job.mpi else "none",
         "env": env,
         "vars": job.template_vars,
         "python": site.python,

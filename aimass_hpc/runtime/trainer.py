@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
+from aimass_hpc.common import procstat
 from aimass_hpc.runtime import model_stats, preempt, rng, sharded
 from aimass_hpc.runtime.checkpoint import (
     CheckpointStore,
@@ -531,10 +532,18 @@ class Trainer:
         """Train to the end, or until a stop signal; checkpoint accordingly."""
         rng.seed_everything(rng.rank_seed(self.params.seed, self.backend.rank))
         resumed = self.resume()
+        # How long this rank took to get here (imports, process group, task, resume): the
+        # start-up share of time-to-first-step, which users of a queue care about.
+        startup = procstat.age_s()
+        startup_s = None if startup is None else round(startup, 2)
         if resumed:
-            self.metrics.log("event", event="resume", step=self.step, ref=resumed)
+            self.metrics.log(
+                "event", event="resume", step=self.step, ref=resumed, startup_s=startup_s
+            )
         else:
-            self.metrics.log("event", event="start", step=0, total_steps=self.total_steps)
+            self.metrics.log(
+                "event", event="start", step=0, total_steps=self.total_steps, startup_s=startup_s
+            )
         if resumed and self.step >= self.total_steps:
             return self._complete(resumed, at_end=True)
         train_model = self.backend.wrap_model(self.model)

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from aimass_hpc.common import procstat
 from aimass_hpc.common.errors import ConflictError, InputError, NotFoundError
 from aimass_hpc.common.fsutil import atomic_write_json, read_json
 from aimass_hpc.common.slurm_cli import digits_or_none, is_job_id
@@ -237,8 +238,4 @@ class LocalScheduler(Scheduler):
 
 def _alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie counts as ended)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError, ProcessLookupError):
-        return False
+    return procstat.state(pid) not in (None, "Z")
