@@ -344,7 +344,7 @@ def launch(
     a few launches. Besides the raw figures this reports them with each launch's own queue
     wait (submission to rank 0's process start) replaced by the mean wait of all launches:
     the same expected value (the wait does not depend on who submitted; the time before
-    ``sbatch`` stays in), with that noise gone.
+    ``sbatch`` stays in), with that part of the noise gone.
 
     With ``bytecode`` both ways run with a private ``PYTHONPYCACHEPREFIX`` (the job inherits
     the environment from sbatch), as an installed package has its compiled modules; without
