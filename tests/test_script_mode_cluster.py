@@ -95,6 +95,16 @@ from aimass_hpc import runtime
 runtime.init()
 """
 
+# Written for torchrun: no aimass import, the rank from the environment (env://).
+TORCHRUN_PY = """
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+total = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(total)
+print(f"rank {dist.get_rank()} of {dist.get_world_size()}: sum {total.item():g}", flush=True)
+dist.destroy_process_group()
+"""
+
 X = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
 
 
@@ -146,6 +156,7 @@ class Jobs:
         (tmp / "tinymodel.py").write_text(MODEL_PY)
         (tmp / "train.py").write_text(TRAIN_PY)
         (tmp / "init_only.py").write_text(INIT_ONLY_PY)
+        (tmp / "torchrun_style.py").write_text(TORCHRUN_PY)
         preemption = {"signal": "USR1", "grace_seconds": 45, "max_restarts": 1}
         self.site = write_site(tmp, "dev", preemption=preemption)
         self.ids: dict[str, tuple[str, Path]] = {
@@ -157,6 +168,7 @@ class Jobs:
                 self.site, tmp, spec("sm-limit", "train.py", args=["--usr1-at", "5,12"], nodes=1)
             ),
             "init-torch": submit(self.site, tmp, spec("sm-init", "init_only.py", args=[])),
+            "torchrun": submit(self.site, tmp, spec("sm-torchrun", "torchrun_style.py", args=[])),
             "init-horovod": submit(
                 self.site, tmp, spec("sm-init", "init_only.py", args=[]), "--backend", "horovod"
             ),
@@ -190,6 +202,14 @@ def test_a_script_that_only_calls_init_ends_completed(jobs: Jobs, backend: str) 
     state, run_dir = jobs.wait(f"init-{backend}")
     assert state == "COMPLETED", logs(run_dir)
     assert "failed" not in logs(run_dir).lower()
+
+
+def test_a_script_written_for_torchrun_runs_as_it_is(jobs: Jobs) -> None:
+    state, run_dir = jobs.wait("torchrun")
+    assert state == "COMPLETED", logs(run_dir)
+    # 2 nodes x 2 ranks: every rank saw the world torchrun would have given it.
+    for rank in range(4):
+        assert f"rank {rank} of 4: sum 10" in logs(run_dir), logs(run_dir)
 
 
 def test_a_job_out_of_restarts_ends_failed_with_the_reason(jobs: Jobs) -> None:

@@ -19,7 +19,13 @@ import torch
 from aimass_hpc.runtime import preempt, rng
 from aimass_hpc.runtime.checkpoint import MemoryStore
 from aimass_hpc.runtime.config import RunConfig, TrainParams
-from aimass_hpc.runtime.env import WorldInfo, expand_tasks_per_node, gpu_index, port_for_job
+from aimass_hpc.runtime.env import (
+    WorldInfo,
+    expand_tasks_per_node,
+    gpu_index,
+    port_for_job,
+    torchrun_env,
+)
 from aimass_hpc.runtime.metrics import MetricsWriter, read_metrics
 from aimass_hpc.runtime.sampler import ShardedBatches, shard_range
 from aimass_hpc.runtime.trainer import Trainer
@@ -50,6 +56,15 @@ def test_world_from_srun_step_environment() -> None:
     assert (world.node_rank, world.num_nodes, world.local_world_size) == (1, 2, 2)
     assert world.master_addr == "10.0.0.7" and world.master_port == port_for_job("4242")
     assert world.restart_count == 2 and world.launcher == "srun"
+    # Script mode hands a torchrun-style script the same world in torchrun's variables.
+    again = WorldInfo.from_env({**env, **torchrun_env(world)})
+    fields = ("rank", "world_size", "local_rank", "local_world_size", "node_rank", "num_nodes")
+    assert [getattr(again, f) for f in fields] == [getattr(world, f) for f in fields]
+    assert (again.master_addr, again.master_port, again.job_id) == (
+        world.master_addr,
+        world.master_port,
+        "4242",
+    )
 
 
 def test_batch_shell_is_not_mistaken_for_a_rank() -> None:

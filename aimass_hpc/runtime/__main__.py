@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 from aimass_hpc.runtime.config import CONFIG_FILE, RunConfig, load_config  # noqa: E402
-from aimass_hpc.runtime.env import WorldInfo  # noqa: E402
+from aimass_hpc.runtime.env import WorldInfo, torchrun_env  # noqa: E402
 
 if TYPE_CHECKING:
     from aimass_hpc.runtime.api import Job
@@ -143,6 +143,10 @@ def cmd_run(config: RunConfig, script: str, args: list[str]) -> int:
     """
     if config.run_dir:
         os.environ.setdefault("AIMASS_RUN_DIR", config.run_dir)
+    # A script written for torchrun (init_process_group() with env://) finds its rank where
+    # torchrun would put it; variables already set (a torchrun launch) stay as they are.
+    for key, value in torchrun_env(WorldInfo.from_env()).items():
+        os.environ.setdefault(key, value)
     for entry in reversed(config.pythonpath):
         if entry not in sys.path:
             sys.path.insert(0, entry)

@@ -131,6 +131,21 @@ class WorldInfo:
         return cls(launcher="none", **common)
 
 
+def torchrun_env(world: WorldInfo) -> dict[str, str]:
+    """The variables torchrun sets, for ``world``: what a plain ``init_process_group()``
+    (``env://``) and scripts written for torchrun read. :meth:`WorldInfo.from_env` reads the
+    same world back from them."""
+    return {
+        "RANK": str(world.rank),
+        "WORLD_SIZE": str(world.world_size),
+        "LOCAL_RANK": str(world.local_rank),
+        "LOCAL_WORLD_SIZE": str(world.local_world_size),
+        "GROUP_RANK": str(world.node_rank),
+        "MASTER_ADDR": world.master_addr,
+        "MASTER_PORT": str(world.master_port),
+    }
+
+
 def gpu_index(local_rank: int, visible_count: int) -> int:
     """Which visible GPU this rank binds to.
 
