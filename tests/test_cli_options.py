@@ -192,12 +192,18 @@ def test_search_status_by_name_under_the_site(dev_named: Path, capsys) -> None:
 
 @pytest.mark.parametrize("bad", ["-1", "nan", "inf", "1e400", "abc", "1" * 400])
 @pytest.mark.parametrize(
-    "argv", [["wait", "1"], ["serve", "start", "m:1"], ["serve", "upgrade", "m@prod"]]
+    "argv",
+    [
+        ["wait", "1", "--timeout"],
+        ["serve", "start", "m:1", "--timeout"],
+        ["serve", "upgrade", "m@prod", "--timeout"],
+        ["search", "cancel", "somewhere", "--wait"],
+    ],
 )
 def test_timeouts_are_finite_seconds(argv: list[str], bad: str) -> None:
     from click.testing import CliRunner
 
-    result = CliRunner().invoke(cli, [*argv, "--timeout", bad])
+    result = CliRunner().invoke(cli, [*argv, bad])
     assert result.exit_code == 2, result.output
     assert "is not a number of seconds >= 0" in result.output
     assert len(result.output) < 400  # a long value is cut in the message

@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from aimass_hpc.cli._options import site_option
+from aimass_hpc.cli._options import SECONDS, site_option
 from aimass_hpc.cli._output import echo_script
 from aimass_hpc.launch import journal as J
 
@@ -222,7 +222,7 @@ def status_cmd(directory: str, site_ref: str | None, as_json: bool) -> None:
 @search.command("cancel")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
 @site_option
-@click.option("--wait", "wait_s", type=float, default=60.0, show_default=True,
+@click.option("--wait", "wait_s", type=SECONDS, default=60.0, show_default=True,
               help="Seconds to wait for a live driver to stop its trials.")  # fmt: skip
 def cancel_cmd(directory: str, site_ref: str | None, wait_s: float) -> None:
     """Stop the search: cancel its queued and running trials (and its detached driver).
