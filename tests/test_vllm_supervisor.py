@@ -389,4 +389,6 @@ def test_the_token_reaches_vllm_in_its_environment_never_on_its_command_line(
     assert not any(token in a for a in argv), argv
     assert "--api-key" not in argv and argv[:3] == ["/p/python", "-m", API_SERVER]
     assert argv[-2:] == ["--seed", "1"]
+    # On a scancel's SIGTERM vLLM finishes the requests in flight instead of aborting them.
+    assert argv[argv.index("--shutdown-timeout") + 1] == "6"
     assert env["VLLM_API_KEY"] == token and env["PATH"] == "/bin" and "VIRTUAL_ENV" not in env

@@ -53,6 +53,11 @@ START_TIMEOUT_S = 900.0  # a large model on a slow filesystem can take minutes
 # After the drain grace, how long vLLM gets to stop before SIGKILL: well within Slurm's
 # KillWait, so the replica's own exit is what ends the step.
 KILL_AFTER_DRAIN_S = 8.0
+# A scancel (upgrade, stop, scale-down) sends SIGTERM to every process of the job at once, vLLM
+# included, before this replica has drained it: vLLM's default then aborts the requests in
+# flight (seen on the dev cluster: "EngineCore encountered an issue" to a client mid-upgrade).
+# With a shutdown timeout it finishes them first; below KILL_AFTER_DRAIN_S and Slurm's KillWait.
+VLLM_SHUTDOWN_TIMEOUT_S = 6
 
 
 def vllm_command(cfg: dict[str, Any], args: list[str], gpus: int) -> list[str]:
@@ -94,6 +99,7 @@ def vllm_launch(
         "--host", host, "--port", str(port),
         "--tensor-parallel-size", str(max(gpus, 1)),
         "--middleware", f"{MIDDLEWARE_MODULE}.Readyz",
+        "--shutdown-timeout", str(VLLM_SHUTDOWN_TIMEOUT_S),
         *[str(a) for a in cfg.get("args") or []],
     ]  # fmt: skip
     env = dict(base_env)
