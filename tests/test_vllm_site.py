@@ -159,6 +159,24 @@ def test_readyz_middleware(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert _call(app, "/healthz") == (200, b"/health")  # alive while draining
 
 
+def test_a_request_meeting_the_engine_stopping_gets_503_not_500() -> None:
+    class EngineDeadError(Exception):  # vLLM's, by name: the middleware imports no vLLM
+        pass
+
+    def raising(exc: Exception) -> Any:
+        async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            raise exc
+
+        return Readyz(inner)
+
+    stopping = RuntimeError("cannot schedule new futures after shutdown")
+    for exc in (EngineDeadError("gone"), stopping):
+        status, body = _call(raising(exc), "/v1/completions")
+        assert status == 503 and "stopping" in json.loads(body)["detail"]
+    with pytest.raises(ValueError):  # anything else stays vLLM's own error
+        _call(raising(ValueError("bad")), "/v1/completions")
+
+
 def test_the_time_limit_handover_drives_a_vllm_replica(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
