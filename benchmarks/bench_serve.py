@@ -79,13 +79,17 @@ def batch_totals(url: str, token: str) -> tuple[float, float]:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far, all threads (Linux /proc)."""
+    """User + system CPU seconds so far of process ``pid`` and its children (the model
+    process), all threads (Linux /proc)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:
             fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            children = [int(c) for c in f.read().split()]
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_cpu_s(c) for c in children)
 
 
 def own_cpu_s() -> float:
@@ -114,7 +118,12 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     p.add_argument("--threads", type=int, default=1, help="torch threads (both sides)")
     p.add_argument("--formats", default="json,npy")
-    p.add_argument("--modes", default="batching,no-batching")
+    p.add_argument(
+        "--modes",
+        default="batching,in-process,no-batching",
+        help="batching: the default replica (the model in its own process); in-process: "
+        "batching with the model on a thread of the HTTP process; no-batching",
+    )
     p.add_argument(
         "--pin",
         action="store_true",
@@ -150,6 +159,8 @@ def main() -> None:
             extra += ["--max-wait-ms", str(args.max_wait_ms)]
             if mode == "no-batching":
                 extra.append("--no-batching")
+            elif mode == "in-process":  # batching, the model on a thread of the replica
+                extra.append("--in-process")
             rep = LocalReplica(
                 Path(tmp) / f"run-{mode}",
                 recipe=toymodels.recipe(**kwargs),

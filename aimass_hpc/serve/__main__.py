@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -108,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--switch-interval-ms",
         type=float,
         help="Python's GIL switch interval (default: Python's, 5 ms)",
+    )
+    p.add_argument(
+        "--model-process",
+        dest="model_process",
+        action="store_const",
+        const=True,
+        help="run the model in a process of its own, out of the HTTP server's GIL"
+        + _default("model_process"),
+    )
+    p.add_argument(
+        "--in-process",
+        dest="model_process",
+        action="store_const",
+        const=False,
+        help="run the model on a thread of the replica's process",
     )
     p.add_argument("--replica", type=int, help="replica index (default: the array task id)")
     p.add_argument("--job-id", help="job id (default: from Slurm's environment)")
@@ -203,17 +219,25 @@ def make_loader(opts: dict[str, Any]) -> tuple[str, str, Callable[[], Any]]:
         version = opts.get("model_version")
         ref = model or (name if version is None else f"{name}:{version}")
 
-        def load_files() -> Any:
-            return model_loader.load_from_files(
-                recipe, opts.get("weights"), name=name, version=version, device=device
-            )
-
+        # partials, not closures: the loader runs in the model process (it must pickle)
+        load_files = functools.partial(
+            model_loader.load_from_files,
+            recipe,
+            opts.get("weights"),
+            name=name,
+            version=version,
+            device=device,
+        )
         return ref, name, load_files
     if not model or not opts.get("repo"):
         raise InputError("give --model and --repo (or --recipe)")
     repo = opts["repo"]
     name = Ref.parse(model, "model").name
-    return model, name, lambda: model_loader.load_from_repository(repo, model, device=device)
+    return (
+        model,
+        name,
+        functools.partial(model_loader.load_from_repository, repo, model, device=device),
+    )
 
 
 def supervise(argv: list[str], restarts: int, warning_signal: str | int = "USR1") -> int:
@@ -307,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         drain_grace_s=float(opts["drain_grace_s"]),
         drain_timeout_s=float(opts["drain_timeout_s"]),
         log_level=str(opts["log_level"]),
+        model_process=bool(opts["model_process"]),
+        threads=int(opts["threads"]) if opts["threads"] else None,
     )
     on_warning = None
     if opts["handover"]:

@@ -54,6 +54,7 @@ from aimass_hpc.serve.codec import (
 from aimass_hpc.serve.defaults import DEFAULTS
 from aimass_hpc.serve.metrics import MetricsMiddleware, ServeMetrics
 from aimass_hpc.serve.model_loader import ServedModel
+from aimass_hpc.serve.model_process import ModelProcessError, reason_of
 
 log = logging.getLogger(__name__)
 
@@ -236,10 +237,10 @@ async def answer_predict(
         return _error_answer(exc.status, str(exc))
     try:
         out = await batcher.submit(arr)
-    except (QueueFull, BatcherStopped) as exc:
+    except (QueueFull, BatcherStopped, ModelProcessError) as exc:
         return _error_answer(503, f"cannot take the request now: {exc}", {"Retry-After": "1"})
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        reason = reason_of(exc).splitlines()[0][:300]
         if model.spec.shape is None:  # nothing was checked up front: the model's word stands
             return _error_answer(422, f"the model rejected the inputs: {reason}")
         return _error_answer(500, f"forward failed: {reason}")

@@ -83,11 +83,14 @@ class DynamicBatcher:
         max_queue: int = DEFAULTS.max_queue,
         observer: BatchObserver | None = None,
         name: str = "aimass-batcher",
+        workers: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
         self._forward = forward
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
@@ -97,19 +100,25 @@ class DynamicBatcher:
         self._queue: collections.deque[_Item] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._busy = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._busy = 0  # batches being forwarded
+        # More than one worker only pays when the forward runs elsewhere (a model process):
+        # the next batch then waits in its pipe while the current one runs.
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{i}" if i else name, daemon=True)
+            for i in range(workers)
+        ]
 
     # -- public API ------------------------------------------------------------------------
     def start(self) -> DynamicBatcher:
-        """Start the worker thread; returns self."""
-        self._thread.start()
+        """Start the worker thread(s); returns self."""
+        for thread in self._threads:
+            thread.start()
         return self
 
     @property
     def pending(self) -> int:
         """Requests queued or in the forward pass right now."""
-        return len(self._queue) + (1 if self._busy else 0)
+        return len(self._queue) + self._busy
 
     async def submit(self, inputs: np.ndarray) -> np.ndarray:
         """Queue ``inputs`` (N rows, N <= max_batch_size) and await the N output rows."""
@@ -131,8 +140,9 @@ class DynamicBatcher:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout)
 
     # -- worker ----------------------------------------------------------------------------
     def _take_batch(self) -> list[_Item] | None:
@@ -145,7 +155,7 @@ class DynamicBatcher:
             first = self._queue.popleft()
             items = [first]
             if not self.batching:
-                self._busy = True
+                self._busy += 1
                 return items
             rows = first.rows
             deadline = first.enqueued + self.max_wait_s
@@ -161,7 +171,7 @@ class DynamicBatcher:
                 if remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)
-            self._busy = True
+            self._busy += 1
             return items
 
     def _run(self) -> None:
@@ -173,7 +183,7 @@ class DynamicBatcher:
                 self._process(items)
             finally:
                 with self._cond:
-                    self._busy = False
+                    self._busy -= 1
 
     def _process(self, items: list[_Item]) -> None:
         live = [it for it in items if not it.future.cancelled()]

@@ -45,6 +45,9 @@ class ServeDefaults:
     restarts: int = 0  # crash restarts (a job takes the site's preemption.max_restarts)
     warning_signal: str = "USR1"  # a job takes the site's preemption.signal
     switch_interval_ms: float | None = None  # None: Python's own (5 ms)
+    # The model runs in a process of its own, out of the HTTP event loop's GIL (see
+    # serve/model_process.py); off: in the replica's process, on a thread.
+    model_process: bool = True
     # -- waits on the login node
     ready_timeout_s: float = 600.0  # `serve start --wait`, `serve upgrade`
     stop_timeout_s: float = 120.0  # draining replicas after an upgrade
@@ -67,6 +70,7 @@ REPLICA_KEYS = frozenset(
         "host", "port", "device", "max_batch_size", "max_wait_ms", "batching",
         "max_body_bytes", "max_queue", "drain_grace_s", "drain_timeout_s", "threads",
         "log_level", "handover", "restarts", "warning_signal", "switch_interval_ms",
+        "model_process",
     }
 )  # fmt: skip
 """The fields a replica reads (the rest are the service's and the login node's)."""

@@ -9,7 +9,7 @@ label set.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -44,26 +44,42 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _MAX_CACHED_LABELS = 256
 
 
+def cuda_memory() -> dict[str, dict[str, float]]:
+    """Per visible CUDA device: allocated, reserved and max_allocated bytes of this process."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        f"cuda:{i}": {
+            "allocated": float(torch.cuda.memory_allocated(i)),
+            "reserved": float(torch.cuda.memory_reserved(i)),
+            "max_allocated": float(torch.cuda.max_memory_allocated(i)),
+        }
+        for i in range(torch.cuda.device_count())
+    }
+
+
 class _GpuMemoryCollector(Collector):
-    """GPU memory of this process per CUDA device, read at scrape time."""
+    """GPU memory held for the model per CUDA device, read at scrape time."""
+
+    def __init__(self, owner: ServeMetrics) -> None:
+        self.owner = owner
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        try:
-            import torch
-        except ImportError:
-            return
-        if not torch.cuda.is_available():
+        devices = self.owner.cuda_memory()
+        if not devices:
             return
         fam = GaugeMetricFamily(
             "aimass_serve_gpu_memory_bytes",
             "CUDA memory held by this replica",
             labels=["device", "kind"],
         )
-        for i in range(torch.cuda.device_count()):
-            dev = f"cuda:{i}"
-            fam.add_metric([dev, "allocated"], float(torch.cuda.memory_allocated(i)))
-            fam.add_metric([dev, "reserved"], float(torch.cuda.memory_reserved(i)))
-            fam.add_metric([dev, "max_allocated"], float(torch.cuda.max_memory_allocated(i)))
+        for dev, kinds in devices.items():
+            for kind, value in kinds.items():
+                fam.add_metric([dev, kind], value)
         yield fam
 
 
@@ -120,7 +136,9 @@ class ServeMetrics:
         )
         self.ready = Gauge("aimass_serve_ready", "1 when the replica takes requests", registry=r)
         self.model = Info("aimass_serve_model", "The model this replica serves", registry=r)
-        r.register(_GpuMemoryCollector())
+        # This process's CUDA memory, or the model process's once the replica sets it.
+        self.cuda_memory: Callable[[], dict[str, dict[str, float]]] = cuda_memory
+        r.register(_GpuMemoryCollector(self))
 
     @property
     def routes(self) -> frozenset[str]:

@@ -44,6 +44,11 @@ from aimass_hpc.serve.endpoints import (
 )
 from aimass_hpc.serve.metrics import ServeMetrics
 from aimass_hpc.serve.model_loader import ServedModel
+from aimass_hpc.serve.model_process import ModelProcess, reason_of
+
+# Batcher threads (and pipes) per model process: one batch runs while the next one waits.
+MODEL_PROCESS_CHANNELS = 2
+MODEL_PROCESS_CHECK_S = 0.5  # how often a replica looks whether its model process still runs
 
 log = logging.getLogger("aimass.serve")
 
@@ -81,6 +86,9 @@ class ReplicaOptions:
     drain_grace_s: float = DEFAULTS.drain_grace_s
     drain_timeout_s: float = DEFAULTS.drain_timeout_s
     log_level: str = DEFAULTS.log_level
+    # The model in a process of its own (serve/model_process.py); the loader must pickle.
+    model_process: bool = DEFAULTS.model_process
+    threads: int | None = DEFAULTS.threads  # torch threads of the model process
 
 
 def job_identity(opts: ReplicaOptions) -> tuple[str, int, str]:
@@ -158,6 +166,7 @@ class Replica:
         self._stop: asyncio.Event | None = None
         self._warning = False
         self.server: _Server | None = None
+        self.model_process: ModelProcess | None = None
 
     # -- control ----------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -218,7 +227,8 @@ class Replica:
             log.exception("model %s failed to load", self.opts.model_ref)
             self.server.should_exit = True
             await serve_task
-            return self._fail(f"{type(exc).__name__}: {exc}")
+            self._stop_batcher()
+            return self._fail(reason_of(exc))
         if not self._stop.is_set():
             self.state.phase = Phase.READY
             write_record(self.record, EndpointState.READY)
@@ -230,11 +240,21 @@ class Replica:
             )
 
         stop_wait = asyncio.create_task(self._stop.wait())
-        await asyncio.wait({serve_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        model_exit = asyncio.create_task(self._model_process_exit())
+        await asyncio.wait({serve_task, stop_wait, model_exit}, return_when=asyncio.FIRST_COMPLETED)
         if serve_task.done():  # the server died under us: not a clean stop
             stop_wait.cancel()
+            model_exit.cancel()
             self._stop_batcher()
             return self._fail(f"HTTP server exited: {serve_task.exception()}")
+        if model_exit.done():  # no forward can succeed: FAILED at once, so it is replaced
+            stop_wait.cancel()
+            code = self._fail(f"the model process exited with code {model_exit.result()}")
+            self.server.should_exit = True
+            await serve_task
+            self._stop_batcher()
+            return code
+        model_exit.cancel()
         if self._warning and self.on_warning is not None:
             try:
                 await self.on_warning(self)
@@ -243,8 +263,21 @@ class Replica:
         await self._drain(serve_task)
         return 0
 
+    async def _load_model(self) -> ServedModel:
+        if not self.opts.model_process:
+            return await asyncio.to_thread(self.loader)
+        self.model_process = ModelProcess(
+            self.loader,
+            channels=MODEL_PROCESS_CHANNELS,
+            threads=self.opts.threads,
+            ignore_signals=[signal_number(self.opts.warning_signal)],
+        )
+        model = await asyncio.to_thread(self.model_process.wait_loaded)
+        self.metrics.cuda_memory = self.model_process.cuda_memory
+        return model
+
     async def _load_and_warm(self, token: str) -> None:
-        model = await asyncio.to_thread(self.loader)
+        model = await self._load_model()
         await asyncio.to_thread(model.warm_up)
         cfg = self.opts.config
         batcher = DynamicBatcher(
@@ -254,6 +287,7 @@ class Replica:
             batching=cfg.batching,
             max_queue=cfg.max_queue,
             observer=self.metrics.observe_batch,
+            workers=MODEL_PROCESS_CHANNELS if self.model_process is not None else 1,
         ).start()
         self.state.attach(model, batcher)
         self.metrics.set_model(
@@ -299,6 +333,16 @@ class Replica:
     def _stop_batcher(self) -> None:
         if self.state.batcher is not None:
             self.state.batcher.stop()
+        if self.model_process is not None:
+            self.model_process.close()
+
+    async def _model_process_exit(self) -> int | None:
+        """Returns once the model process has died (its exit code); never without one."""
+        proc = self.model_process
+        while proc is None or proc.alive():
+            await asyncio.sleep(MODEL_PROCESS_CHECK_S)
+            proc = self.model_process
+        return proc.proc.exitcode
 
     def _fail(self, message: str) -> int:
         self.state.phase = Phase.FAILED

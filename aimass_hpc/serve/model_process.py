@@ -1,0 +1,265 @@
+"""The served model in a process of its own, so that its forward never waits for the GIL.
+
+In one process the forward thread takes the GIL back after every torch op, and the event
+loop (HTTP parsing, codecs, answers) holds it in slices of a few hundred microseconds: on
+this project's 2-core benchmark the model ran ~20% slower inside the replica than alone
+(``benchmarks/README.md``, serving throughput). vLLM splits its API server and engine core
+into two processes for the same reason, as Triton and TorchServe run models in workers.
+
+The parent (the replica: HTTP, batching) starts the child with ``spawn`` (no fork of a
+process with threads, CUDA or OpenMP state). The child runs the loader, warms the model up,
+and then answers forward requests on ``channels`` pipes, one per batcher thread, so that the
+next batch is already waiting in a pipe while the current one runs. One more pipe carries
+the GPU memory figures the parent's ``/metrics`` asks for.
+
+The child ignores the termination signals: Slurm signals every process of a step, and the
+replica keeps answering while it drains. It ends when the parent closes the pipes (or dies:
+the pipes reach end-of-file), and :meth:`ModelProcess.close` kills it if it does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import queue
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from aimass_hpc.serve.metrics import cuda_memory
+from aimass_hpc.serve.model_loader import ServedModel
+
+# Stopping is the parent's decision (it drains first); these would end the child mid-answer.
+_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+_CLOSE_TIMEOUT_S = 10.0
+
+
+class ModelProcessError(RuntimeError):
+    """The model process failed to load the model or stopped answering."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RemoteForwardError(RuntimeError):
+    """The model raised on a batch; ``reason`` is its ``Type: message``, as in one process."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def reason_of(exc: BaseException) -> str:
+    """``Type: message`` of an exception, the model's own type for one raised in the child."""
+    reason = getattr(exc, "reason", None)
+    return reason if isinstance(reason, str) else f"{type(exc).__name__}: {exc}"
+
+
+def _describe(model: ServedModel) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "ref": model.ref,
+        "version": model.version,
+        "device": str(model.device),
+        "spec": model.spec,
+        "metadata": model.metadata,
+        "output_shape": model.output_shape,
+        "parameters": sum(p.numel() for p in model.module.parameters()),
+    }
+
+
+def _recv_array(conn: Connection, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The bytes after a header, into writable memory (torch.from_numpy needs it)."""
+    dt = np.dtype(dtype)
+    buf = bytearray(int(np.prod(shape, dtype=np.int64)) * dt.itemsize)
+    conn.recv_bytes_into(buf)
+    return np.frombuffer(buf, dtype=dt).reshape(shape)
+
+
+def _child_main(
+    channels: Sequence[Connection],
+    control: Connection,
+    loader: Callable[[], ServedModel],
+    threads: int | None,
+    ignore: Sequence[int],
+) -> None:
+    """The model process: load, warm up, then answer until the parent closes the pipes."""
+    for sig in {*_IGNORED_SIGNALS, *ignore}:
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_IGN)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model = loader()
+        model.warm_up()
+        control.send(("ready", _describe(model)))
+    except BaseException as exc:  # the parent reports it as the replica's failure
+        control.send(("error", reason_of(exc)))
+        return
+    live: list[Any] = [*channels, control]
+    while len(live) == len(channels) + 1:  # the parent closes all pipes together
+        for conn in wait(live):
+            conn = cast(Connection, conn)
+            try:
+                head = conn.recv()
+                if head[0] == "stats":
+                    conn.send(("ok", cuda_memory()))
+                    continue
+                batch = _recv_array(conn, head[1], head[2])
+            except (EOFError, OSError):
+                live.remove(conn)
+                continue
+            try:
+                out = np.ascontiguousarray(model.forward(batch))
+            except Exception as exc:
+                conn.send(("error", reason_of(exc)))
+                continue
+            conn.send(("ok", out.shape, out.dtype.str))
+            conn.send_bytes(out.data)
+
+
+@dataclass
+class RemoteModel(ServedModel):
+    """A :class:`ServedModel` whose module lives in the model process (``module`` is None)."""
+
+    process: ModelProcess | None = field(default=None, repr=False)
+    parameters: int = 0
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Run the model process on ``batch``."""
+        assert self.process is not None
+        return self.process.forward(batch)
+
+    def warm_up(self) -> np.ndarray | None:
+        """One zero sample through the pipes (the child warmed the model itself up)."""
+        example = self.spec.example(1)
+        return None if example is None else self.forward(example)
+
+    def describe(self) -> dict[str, Any]:
+        """As :meth:`ServedModel.describe`, with the child's parameter count."""
+        spec = self.spec
+        return {
+            "name": self.name,
+            "ref": self.ref,
+            "version": self.version,
+            "device": str(self.device),
+            "input_shape": None
+            if spec.shape is None
+            else [d if d is not None else -1 for d in spec.shape],
+            "input_dtype": spec.dtype.name,
+            "output_shape": list(self.output_shape) if self.output_shape is not None else None,
+            "parameters": self.parameters,
+        }
+
+
+class ModelProcess:
+    """Start the model process and talk to it (see the module docstring).
+
+    ``loader`` must be picklable (a module-level function or a ``functools.partial`` of one):
+    it runs in the child.
+    """
+
+    def __init__(
+        self,
+        loader: Callable[[], ServedModel],
+        *,
+        channels: int = 2,
+        threads: int | None = None,
+        ignore_signals: Sequence[int] = (),
+    ) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        pipes = [ctx.Pipe() for _ in range(channels + 1)]
+        self._free: queue.SimpleQueue[Connection] = queue.SimpleQueue()
+        for parent_end, _ in pipes[:-1]:
+            self._free.put(parent_end)
+        self._ends = [p for p, _ in pipes]
+        self._control = pipes[-1][0]
+        self._control_lock = threading.Lock()
+        child_ends = [c for _, c in pipes]
+        self.proc = ctx.Process(
+            target=_child_main,
+            args=(child_ends[:-1], child_ends[-1], loader, threads, tuple(ignore_signals)),
+            name="aimass-model",
+        )
+        self.proc.start()
+        for end in child_ends:
+            end.close()  # the child holds them now: a dead child means end-of-file here
+        self.closed = False
+
+    # -- start -------------------------------------------------------------------------------
+    def wait_loaded(self) -> RemoteModel:
+        """Block until the child has loaded and warmed up the model; its description."""
+        try:
+            head = self._control.recv()
+        except (EOFError, OSError):
+            self.proc.join(5.0)
+            raise ModelProcessError(
+                f"the model process exited with code {self.proc.exitcode} while loading"
+            ) from None
+        if head[0] != "ready":
+            self.close()
+            raise ModelProcessError(str(head[1]))
+        info = head[1]
+        return RemoteModel(
+            name=info["name"],
+            ref=info["ref"],
+            version=info["version"],
+            module=cast(torch.nn.Module, None),
+            device=torch.device(info["device"]),
+            spec=info["spec"],
+            metadata=info["metadata"],
+            output_shape=info["output_shape"],
+            process=self,
+            parameters=int(info["parameters"]),
+        )
+
+    # -- use ---------------------------------------------------------------------------------
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """The model's output rows for ``batch`` (thread-safe: one pipe per caller at a time)."""
+        batch = np.ascontiguousarray(batch)
+        conn = self._free.get()
+        try:
+            conn.send(("forward", batch.shape, batch.dtype.str))
+            conn.send_bytes(batch.data)
+            head = conn.recv()
+            if head[0] == "error":
+                raise RemoteForwardError(str(head[1]))
+            return _recv_array(conn, head[1], head[2])
+        except (EOFError, OSError) as exc:
+            raise ModelProcessError(
+                f"the model process is gone (exit code {self.proc.exitcode}): {type(exc).__name__}"
+            ) from None
+        finally:
+            self._free.put(conn)
+
+    def cuda_memory(self) -> dict[str, dict[str, float]]:
+        """:func:`cuda_memory` of the child (empty when it is gone)."""
+        with self._control_lock:
+            try:
+                self._control.send(("stats",))
+                return cast(dict[str, dict[str, float]], self._control.recv()[1])
+            except (EOFError, OSError):
+                return {}
+
+    def alive(self) -> bool:
+        """Whether the child still runs."""
+        return self.proc.is_alive()
+
+    def close(self) -> None:
+        """Close the pipes (the child ends), then kill it if it has not within 10 s."""
+        if self.closed:
+            return
+        self.closed = True
+        for end in self._ends:
+            end.close()
+        self.proc.join(_CLOSE_TIMEOUT_S)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5.0)
