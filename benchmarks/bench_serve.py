@@ -10,10 +10,13 @@ MLP's ~50 us per sample, so the event loop and not the model is the limit).
 
 Printed: samples/s, the ratio to the raw batched forward (measured again after every row: on a
 shared machine the load drifts), p50/p99 latency, the mean batch the server formed, and the
-CPU time per request of the replica ("srv us", all its threads: HTTP, codec and forward) and
-of the load generator ("gen us"), for batching on/off and JSON/.npy bodies. CPU time per
-request does not depend on what else the machine runs, so it says where time goes even when
-samples/s does not. Target: batching >= 0.8x.
+CPU time per request of the replica ("srv us", all its threads and its model process: HTTP,
+codec and forward) and of the load generator ("gen us"), and how fast the model process runs
+the model against the raw forward alone ("model x"), for batching with the model in its own
+process (the default), batching with the model on a thread of the HTTP process
+(``in-process``) and no batching, with JSON/.npy bodies. CPU time per request depends less on
+what else the machine runs than samples/s, so it says where time goes even when samples/s
+does not. Target: batching >= 0.8x.
 
 ``--pin`` gives the load generator the last CPU and the replica (and the raw forward) the
 others, so that the load generator does not take time from the service it measures; on a
@@ -84,12 +87,21 @@ def process_cpu_s(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
-            children = [int(c) for c in f.read().split()]
     except OSError:
         return float("nan")
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(process_cpu_s(c) for c in children)
+    return own + children_cpu_s(pid)
+
+
+def children_cpu_s(pid: int) -> float:
+    """CPU seconds of the children of ``pid``: the model process (and multiprocessing's
+    resource tracker, which idles); 0 for a replica without a model process."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return 0.0
+    return sum(process_cpu_s(c) for c in children)
 
 
 def own_cpu_s() -> float:
@@ -178,7 +190,8 @@ def main() -> None:
                         headers["Authorization"] = f"Bearer {rep.token}"
                         before = batch_totals(rep.url, rep.token)
                         os.sched_setaffinity(0, gen_cpus)
-                        cpu0 = (process_cpu_s(rep.proc.pid), own_cpu_s())
+                        pid = rep.proc.pid
+                        cpu0 = (process_cpu_s(pid), own_cpu_s(), children_cpu_s(pid))
                         res = run_load_sync(
                             rep.url,
                             body,
@@ -187,7 +200,7 @@ def main() -> None:
                             duration_s=args.duration,
                             rows_per_request=n_rows,
                         )
-                        cpu1 = (process_cpu_s(rep.proc.pid), own_cpu_s())
+                        cpu1 = (process_cpu_s(pid), own_cpu_s(), children_cpu_s(pid))
                         os.sched_setaffinity(0, srv_cpus)
                         after = batch_totals(rep.url, rep.token)
                         batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
@@ -195,10 +208,12 @@ def main() -> None:
                         n_req = max(after[1] - before[1], 1) * batch / n_rows
                         # The peer again, right after: the machine's load drifts (shared).
                         peer = raw_forward(model, args.max_batch, args.in_features, 2.0)
+                        model_s = cpu1[2] - cpu0[2]
                         cpu = (
                             (cpu1[0] - cpu0[0]) / n_req * 1e6,
                             (cpu1[1] - cpu0[1]) / n_req * 1e6,
                             (raw_cpu + RAW_CPU_US[args.max_batch]) / 2,
+                            model_s / (n_req * n_rows) * 1e6 if model_s > 0 else float("nan"),
                         )
                         rows.append((mode, fmt, n_rows, res, batch, peer, cpu))
 
@@ -213,11 +228,13 @@ def main() -> None:
     print(f"      raw forward, batch 1: {raw1:,.0f} samples/s ({raw1 / raw:.2f}x)")
     print(f"      raw forward CPU time, batch {args.max_batch}: {raw_cpu:.1f} us/sample")
     print("'srv us'/'gen us': CPU us per request of the replica / the load generator; 'cpu x':")
-    print("      raw forward CPU per sample / replica CPU per sample (the share that is model)\n")
+    print("      raw forward CPU per sample / replica CPU per sample (the share that is model)")
+    print("'model x': raw forward CPU per sample / the model process's CPU per sample: how fast")
+    print("      the model runs while serving, against alone (the model process is the limit)\n")
     head = (
         f"{'mode':<12}{'body':<6}{'rows':>5}{'req/s':>9}{'samples/s':>11}{'raw now':>9}"
         f"{'vs raw':>8}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'failed':>8}"
-        f"{'srv us':>8}{'gen us':>8}{'cpu x':>7}"
+        f"{'srv us':>8}{'gen us':>8}{'cpu x':>7}{'model x':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -229,6 +246,7 @@ def main() -> None:
             f"{peer:>9,.0f}{ratio:>7.2f}x{res.percentile_ms(50):>9.1f}"
             f"{res.percentile_ms(99):>9.1f}{batch:>7.1f}{res.failed:>8}"
             f"{cpu[0]:>8,.0f}{cpu[1]:>8,.0f}{cpu[2] * n_rows / cpu[0]:>6.2f}x"
+            + (f"{cpu[2] / cpu[3]:>8.2f}x" if cpu[3] == cpu[3] else f"{'-':>9}")
         )
         out.append(
             {
@@ -244,6 +262,7 @@ def main() -> None:
                 "server_cpu_us_per_request": cpu[0],
                 "loadgen_cpu_us_per_request": cpu[1],
                 "cpu_ratio": cpu[2] * n_rows / cpu[0],
+                "model_process_cpu_us_per_sample": cpu[3] if cpu[3] == cpu[3] else None,
             }
         )
     print(json.dumps({"raw_samples_per_s": raw, "rows": out}), file=sys.stderr)

@@ -135,6 +135,13 @@ def test_close_ends_the_child(weights: Path) -> None:
     assert not proc.alive() and proc.proc.exitcode == 0
 
 
+def test_the_model_gets_its_own_process_with_two_cpus_or_when_asked() -> None:
+    from aimass_hpc.serve.server import use_model_process
+
+    assert use_model_process(True) is True and use_model_process(False) is False
+    assert use_model_process(None) is (len(os.sched_getaffinity(0)) >= 2)
+
+
 def _model_processes(pid: int) -> list[int]:
     """The spawned children of ``pid`` (multiprocessing's resource tracker is another one)."""
     kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -147,7 +154,7 @@ def test_a_replica_whose_model_process_dies_fails_and_exits(tmp_path: Path, weig
         recipe=toymodels.recipe(**KW),
         weights=weights,
         name="toy",
-        extra_args=["--drain-grace-s", "0"],
+        extra_args=["--drain-grace-s", "0", "--model-process"],
     )
     with rep:
         rep.wait_ready()

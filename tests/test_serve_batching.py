@@ -123,3 +123,27 @@ def test_observer_sees_every_forward() -> None:
         batcher.stop()
     assert sum(r for r, _ in seen) == 6 and sum(n for _, n in seen) == 3
     assert all(r <= 4 for r, _ in seen)
+
+
+def test_two_workers_form_the_next_batch_while_one_forwards() -> None:
+    # With a model process, batch N+1 waits in its pipe while batch N runs.
+    started: list[str] = []
+    both_in = threading.Barrier(2, timeout=10)
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        started.append(threading.current_thread().name)
+        if len(started) <= 2:
+            both_in.wait()  # the first two batches are in flight at the same time
+        return x + 1
+
+    batcher = DynamicBatcher(forward, max_batch_size=4, max_wait_ms=0, workers=2).start()
+    xs = [np.full((2, 3), i, np.float32) for i in range(12)]
+    try:
+        outs = asyncio.run(_submit_all(batcher, xs))
+    finally:
+        batcher.stop()
+    assert all(np.array_equal(o, x + 1) for o, x in zip(outs, xs, strict=True))
+    assert set(started) == {"aimass-batcher", "aimass-batcher-1"}
+    assert batcher.pending == 0
+    with pytest.raises(ValueError, match="workers"):
+        DynamicBatcher(forward, workers=0)

@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="model_process",
         action="store_const",
         const=True,
-        help="run the model in a process of its own, out of the HTTP server's GIL"
-        + _default("model_process"),
+        help="run the model in a process of its own, out of the HTTP server's GIL (default: "
+        "when the replica may use 2 or more CPUs)",
     )
     p.add_argument(
         "--in-process",
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         drain_grace_s=float(opts["drain_grace_s"]),
         drain_timeout_s=float(opts["drain_timeout_s"]),
         log_level=str(opts["log_level"]),
-        model_process=bool(opts["model_process"]),
+        model_process=None if opts["model_process"] is None else bool(opts["model_process"]),
         threads=int(opts["threads"]) if opts["threads"] else None,
     )
     on_warning = None

@@ -46,8 +46,9 @@ class ServeDefaults:
     warning_signal: str = "USR1"  # a job takes the site's preemption.signal
     switch_interval_ms: float | None = None  # None: Python's own (5 ms)
     # The model runs in a process of its own, out of the HTTP event loop's GIL (see
-    # serve/model_process.py); off: in the replica's process, on a thread.
-    model_process: bool = True
+    # serve/model_process.py); False: on a thread of the replica's process. None: in its own
+    # process when the replica may use 2 or more CPUs (on one, the pipes only cost).
+    model_process: bool | None = None
     # -- waits on the login node
     ready_timeout_s: float = 600.0  # `serve start --wait`, `serve upgrade`
     stop_timeout_s: float = 120.0  # draining replicas after an upgrade

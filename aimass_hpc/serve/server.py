@@ -86,9 +86,20 @@ class ReplicaOptions:
     drain_grace_s: float = DEFAULTS.drain_grace_s
     drain_timeout_s: float = DEFAULTS.drain_timeout_s
     log_level: str = DEFAULTS.log_level
-    # The model in a process of its own (serve/model_process.py); the loader must pickle.
-    model_process: bool = DEFAULTS.model_process
+    # The model in a process of its own (serve/model_process.py; the loader must pickle);
+    # None: when this process may use 2 or more CPUs.
+    model_process: bool | None = DEFAULTS.model_process
     threads: int | None = DEFAULTS.threads  # torch threads of the model process
+
+
+def use_model_process(asked: bool | None) -> bool:
+    """Whether the model gets a process of its own: as asked, else with 2 or more CPUs.
+
+    With the HTTP server and the model on different CPUs the model process is the faster
+    (it never waits for the event loop's GIL); on one CPU both share, and the pipes and
+    process switches only add work (``benchmarks/README.md``, serving throughput).
+    """
+    return asked if asked is not None else len(os.sched_getaffinity(0)) >= 2
 
 
 def job_identity(opts: ReplicaOptions) -> tuple[str, int, str]:
@@ -264,7 +275,7 @@ class Replica:
         return 0
 
     async def _load_model(self) -> ServedModel:
-        if not self.opts.model_process:
+        if not use_model_process(self.opts.model_process):
             return await asyncio.to_thread(self.loader)
         self.model_process = ModelProcess(
             self.loader,
