@@ -164,3 +164,13 @@ def test_a_replica_whose_model_process_dies_fails_and_exits(tmp_path: Path, weig
         record = rep.record()
         assert record is not None and record.state == EndpointState.FAILED
         assert record.message is not None and "model process exited with code -9" in record.message
+
+
+def test_metrics_show_the_model_process_gpu_memory() -> None:
+    from aimass_hpc.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics(frozenset())
+    metrics.cuda_memory = lambda: {"cuda:0": {"allocated": 5.0, "reserved": 8.0}}
+    text = metrics.render().decode()
+    assert 'aimass_serve_gpu_memory_bytes{device="cuda:0",kind="allocated"} 5.0' in text
+    assert 'aimass_serve_gpu_memory_bytes{device="cuda:0",kind="reserved"} 8.0' in text

@@ -10,7 +10,8 @@ The parent (the replica: HTTP, batching) starts the child with ``spawn`` (no for
 process with threads, CUDA or OpenMP state). The child runs the loader, warms the model up,
 and then answers forward requests on ``channels`` pipes, one per batcher thread, so that the
 next batch is already waiting in a pipe while the current one runs. One more pipe carries
-the GPU memory figures the parent's ``/metrics`` asks for.
+the load's outcome. On a GPU each answer also carries the child's CUDA memory figures, which
+the parent's ``/metrics`` shows (asking the child would block the event loop for a batch).
 
 The child ignores the termination signals: Slurm signals every process of a step, and the
 replica keeps answering while it drains. It ends when the parent closes the pipes (or dies:
@@ -23,7 +24,6 @@ import contextlib
 import multiprocessing
 import queue
 import signal
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -64,6 +64,7 @@ def reason_of(exc: BaseException) -> str:
 
 def _describe(model: ServedModel) -> dict[str, Any]:
     return {
+        "cuda_memory": cuda_memory() if model.device.type == "cuda" else {},
         "name": model.name,
         "ref": model.ref,
         "version": model.version,
@@ -103,15 +104,13 @@ def _child_main(
     except BaseException as exc:  # the parent reports it as the replica's failure
         control.send(("error", reason_of(exc)))
         return
+    on_gpu = model.device.type == "cuda"
     live: list[Any] = [*channels, control]
     while len(live) == len(channels) + 1:  # the parent closes all pipes together
         for conn in wait(live):
             conn = cast(Connection, conn)
             try:
                 head = conn.recv()
-                if head[0] == "stats":
-                    conn.send(("ok", cuda_memory()))
-                    continue
                 batch = _recv_array(conn, head[1], head[2])
             except (EOFError, OSError):
                 live.remove(conn)
@@ -121,7 +120,7 @@ def _child_main(
             except Exception as exc:
                 conn.send(("error", reason_of(exc)))
                 continue
-            conn.send(("ok", out.shape, out.dtype.str))
+            conn.send(("ok", out.shape, out.dtype.str, cuda_memory() if on_gpu else None))
             conn.send_bytes(out.data)
 
 
@@ -181,7 +180,7 @@ class ModelProcess:
             self._free.put(parent_end)
         self._ends = [p for p, _ in pipes]
         self._control = pipes[-1][0]
-        self._control_lock = threading.Lock()
+        self._cuda_memory: dict[str, dict[str, float]] = {}
         child_ends = [c for _, c in pipes]
         self.proc = ctx.Process(
             target=_child_main,
@@ -207,6 +206,7 @@ class ModelProcess:
             self.close()
             raise ModelProcessError(str(head[1]))
         info = head[1]
+        self._cuda_memory = info["cuda_memory"]
         return RemoteModel(
             name=info["name"],
             ref=info["ref"],
@@ -231,6 +231,8 @@ class ModelProcess:
             head = conn.recv()
             if head[0] == "error":
                 raise RemoteForwardError(str(head[1]))
+            if head[3] is not None:
+                self._cuda_memory = head[3]
             return _recv_array(conn, head[1], head[2])
         except (EOFError, OSError) as exc:
             raise ModelProcessError(
@@ -240,13 +242,8 @@ class ModelProcess:
             self._free.put(conn)
 
     def cuda_memory(self) -> dict[str, dict[str, float]]:
-        """:func:`cuda_memory` of the child (empty when it is gone)."""
-        with self._control_lock:
-            try:
-                self._control.send(("stats",))
-                return cast(dict[str, dict[str, float]], self._control.recv()[1])
-            except (EOFError, OSError):
-                return {}
+        """:func:`cuda_memory` of the child as of its last answer (empty on CPU)."""
+        return self._cuda_memory
 
     def alive(self) -> bool:
         """Whether the child still runs."""
