@@ -174,3 +174,24 @@ def test_metrics_show_the_model_process_gpu_memory() -> None:
     text = metrics.render().decode()
     assert 'aimass_serve_gpu_memory_bytes{device="cuda:0",kind="allocated"} 5.0' in text
     assert 'aimass_serve_gpu_memory_bytes{device="cuda:0",kind="reserved"} 8.0' in text
+
+
+@pytest.mark.parametrize(("delay_ms", "own_process"), [(0.0, False), (5.0, True)])
+def test_unless_asked_a_cheap_forward_stays_on_a_thread(
+    tmp_path: Path, delay_ms: float, own_process: bool
+) -> None:
+    # The replica's default: a model process when 2+ CPUs and a full batch takes >= 1 ms.
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.fail("this test needs 2 CPUs (the replica decides by the CPUs it may use)")
+    kw = {"in_features": 8, "hidden": 16, "out_features": 3, "delay_ms": delay_ms}
+    rep = LocalReplica(
+        tmp_path / "run",
+        recipe=toymodels.recipe("aimass_hpc.serve.toymodels:slow_mlp", **kw),
+        name="toy",
+        extra_args=["--drain-grace-s", "0"],
+    )
+    with rep:
+        rep.wait_ready()
+        assert bool(_model_processes(rep.proc.pid)) is own_process
+        if not own_process:
+            assert "the model runs on a thread of the replica" in rep.log_text()

@@ -47,7 +47,8 @@ class ServeDefaults:
     switch_interval_ms: float | None = None  # None: Python's own (5 ms)
     # The model runs in a process of its own, out of the HTTP event loop's GIL (see
     # serve/model_process.py); False: on a thread of the replica's process. None: in its own
-    # process when the replica may use 2 or more CPUs (on one, the pipes only cost).
+    # process when the replica may use 2 or more CPUs and a full batch takes >= 1 ms (else
+    # the pipes only cost).
     model_process: bool | None = None
     # -- waits on the login node
     ready_timeout_s: float = 600.0  # `serve start --wait`, `serve upgrade`

@@ -49,6 +49,8 @@ from aimass_hpc.serve.model_process import ModelProcess, reason_of
 # Batcher threads (and pipes) per model process: one batch runs while the next one waits.
 MODEL_PROCESS_CHANNELS = 2
 MODEL_PROCESS_CHECK_S = 0.5  # how often a replica looks whether its model process still runs
+# Unless asked, a model whose full batch runs faster than this stays on a thread.
+MODEL_PROCESS_MIN_FORWARD_S = 0.001
 
 log = logging.getLogger("aimass.serve")
 
@@ -275,15 +277,31 @@ class Replica:
         return 0
 
     async def _load_model(self) -> ServedModel:
-        if not use_model_process(self.opts.model_process):
+        asked = self.opts.model_process
+        if not use_model_process(asked):
             return await asyncio.to_thread(self.loader)
         self.model_process = ModelProcess(
             self.loader,
             channels=MODEL_PROCESS_CHANNELS,
             threads=self.opts.threads,
             ignore_signals=[signal_number(self.opts.warning_signal)],
+            batch_rows=self.opts.config.max_batch_size,
         )
         model = await asyncio.to_thread(self.model_process.wait_loaded)
+        took = model.batch_forward_s
+        if asked is None and took is not None and took < MODEL_PROCESS_MIN_FORWARD_S:
+            # A forward this cheap never waits long for the GIL; the pipes would only add
+            # latency (p99 +1.3 ms for a 64-32-10 MLP in bench_serve): serve it on a thread.
+            log.warning(
+                "a batch of %d rows takes %.2f ms: the model runs on a thread of the replica "
+                "(its own process pays from %g ms; --model-process asks for it)",
+                self.opts.config.max_batch_size,
+                took * 1e3,
+                MODEL_PROCESS_MIN_FORWARD_S * 1e3,
+            )
+            await asyncio.to_thread(self.model_process.close)
+            self.model_process = None
+            return await asyncio.to_thread(self.loader)
         self.metrics.cuda_memory = self.model_process.cuda_memory
         return model
 
