@@ -195,3 +195,16 @@ def test_unless_asked_a_cheap_forward_stays_on_a_thread(
         assert bool(_model_processes(rep.proc.pid)) is own_process
         if not own_process:
             assert "the model runs on a thread of the replica" in rep.log_text()
+
+
+def test_a_full_batch_that_fails_at_load_leaves_the_choice_open(weights: Path) -> None:
+    from aimass_hpc.serve.model_process import _batch_forward_s
+
+    model = _loader(weights)()
+    assert _batch_forward_s(model, 64) is not None
+
+    def no_room(batch: np.ndarray) -> np.ndarray:
+        raise MemoryError(f"no room for {len(batch)} rows")
+
+    model.forward = no_room  # type: ignore[method-assign]
+    assert _batch_forward_s(model, 64) is None

@@ -67,15 +67,18 @@ def reason_of(exc: BaseException) -> str:
 
 
 def _batch_forward_s(model: ServedModel, rows: int) -> float | None:
-    """The best of 3 forwards of ``rows`` zero samples, in seconds (None: shape unknown)."""
+    """The best of 3 forwards of ``rows`` zero samples, in seconds (None: not measurable)."""
     example = model.spec.example(rows)
     if example is None:
         return None
     best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        model.forward(example)
-        best = min(best, time.perf_counter() - start)
+    try:
+        for _ in range(3):
+            start = time.perf_counter()
+            model.forward(example)
+            best = min(best, time.perf_counter() - start)
+    except Exception:  # e.g. no memory for a full batch of zeros: requests will tell
+        return None
     return best
 
 
