@@ -78,8 +78,12 @@ class ServedModel:
             else [d if d is not None else -1 for d in self.spec.shape],
             "input_dtype": self.spec.dtype.name,
             "output_shape": list(self.output_shape) if self.output_shape is not None else None,
-            "parameters": sum(p.numel() for p in self.module.parameters()),
+            "parameters": self.parameter_count(),
         }
+
+    def parameter_count(self) -> int:
+        """Number of parameters of the module."""
+        return sum(p.numel() for p in self.module.parameters())
 
 
 def pick_device(requested: str = "auto") -> torch.device:

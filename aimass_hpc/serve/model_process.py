@@ -93,7 +93,7 @@ def _describe(model: ServedModel, batch_rows: int) -> dict[str, Any]:
         "spec": model.spec,
         "metadata": model.metadata,
         "output_shape": model.output_shape,
-        "parameters": sum(p.numel() for p in model.module.parameters()),
+        "parameters": model.parameter_count(),
     }
 
 
@@ -189,21 +189,9 @@ class RemoteModel(ServedModel):
         example = self.spec.example(1)
         return None if example is None else self.forward(example)
 
-    def describe(self) -> dict[str, Any]:
-        """As :meth:`ServedModel.describe`, with the child's parameter count."""
-        spec = self.spec
-        return {
-            "name": self.name,
-            "ref": self.ref,
-            "version": self.version,
-            "device": str(self.device),
-            "input_shape": None
-            if spec.shape is None
-            else [d if d is not None else -1 for d in spec.shape],
-            "input_dtype": spec.dtype.name,
-            "output_shape": list(self.output_shape) if self.output_shape is not None else None,
-            "parameters": self.parameters,
-        }
+    def parameter_count(self) -> int:
+        """The child's count (the module is not here)."""
+        return self.parameters
 
 
 class ModelProcess:

@@ -368,9 +368,11 @@ class Replica:
     async def _model_process_exit(self) -> int | None:
         """Returns once the model process has died (its exit code); never without one."""
         proc = self.model_process
-        while proc is None or proc.alive():
+        if proc is None:  # the model runs on a thread: nothing to watch
+            await asyncio.get_running_loop().create_future()
+        assert proc is not None
+        while proc.alive():
             await asyncio.sleep(MODEL_PROCESS_CHECK_S)
-            proc = self.model_process
         return proc.proc.exitcode
 
     def _fail(self, message: str) -> int:
