@@ -127,3 +127,20 @@ def test_crashed_replica_is_restarted(tmp_path: Path) -> None:
         assert rep.proc.wait(30) == 128 + signal.SIGKILL
     finally:
         rep.stop()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(None, "No such file or directory"), ("{bad", "not JSON: Expecting property name")],
+)
+def test_an_unreadable_recipe_is_one_line(tmp_path: Path, content: str | None, reason: str) -> None:
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.json"
+    if content is not None:
+        recipe.write_text(content)
+    args = [sys.executable, "-m", "aimass_hpc.serve", "--run-dir", str(tmp_path / "run")]
+    done = subprocess.run([*args, "--recipe", str(recipe)], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"aimass serve: error: --recipe {recipe}: {reason}")

@@ -211,7 +211,11 @@ def make_loader(opts: dict[str, Any]) -> tuple[str, str, Callable[[], Any]]:
     device = opts["device"]
     model = opts.get("model")
     if opts.get("recipe"):
-        recipe = json.loads(Path(opts["recipe"]).read_text(encoding="utf-8"))
+        try:
+            recipe = json.loads(Path(opts["recipe"]).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else f"not JSON: {exc}"
+            raise InputError(f"--recipe {opts['recipe']}: {reason}") from None
         name = str(
             opts.get("name")
             or (Ref.parse(model, "model").name if model else Path(opts["recipe"]).stem)
